@@ -1,0 +1,12 @@
+"""fastadapters: the LLM-Adapters family (LoRA, bottleneck, prefix, prompt) as drop-in layers for transformers."""
+
+from . import ops
+from .backend import get_backend, use_backend
+from .config import AdapterConfig, BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "BottleneckConfig", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig",
+    "get_backend", "ops", "use_backend",
+]
