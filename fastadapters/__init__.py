@@ -3,10 +3,11 @@
 from . import ops
 from .backend import get_backend, use_backend
 from .config import AdapterConfig, BottleneckConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from .model import AdapterModel, get_adapter_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "BottleneckConfig", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig",
-    "get_backend", "ops", "use_backend",
+    "AdapterConfig", "AdapterModel", "BottleneckConfig", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig",
+    "get_adapter_model", "get_backend", "ops", "use_backend",
 ]

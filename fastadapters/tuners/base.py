@@ -8,6 +8,7 @@ modules for wrapper layers; prompt-learning methods (prefix, prompt) keep their 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +34,10 @@ class AdapterMethod:
         """Make exactly `names` (all of this method's type) the active adapters; [] deactivates all."""
         raise NotImplementedError
 
+    def parameters(self, am: AdapterModel, name: str) -> Iterator[nn.Parameter]:
+        """The trainable parameters of adapter `name` (prompt methods: its prompt encoder)."""
+        yield from am.prompt_encoder[name].parameters()
+
     def state_dict(self, am: AdapterModel, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s tensors under PEFT's saved key names (adapter name stripped)."""
         raise NotImplementedError
@@ -55,5 +60,5 @@ class AdapterMethod:
         raise ValueError(f"{self.peft_type} adapters cannot be merged into the base weights")
 
     def unload(self, am: AdapterModel) -> nn.Module:
-        """Remove every adapter of this type; return the plain base model."""
+        """Remove every adapter of this type (merged weights stay merged); return the plain base model."""
         raise NotImplementedError
