@@ -1,0 +1,273 @@
+"""Backend selection (use_backend, FASTADAPTERS_BACKEND), the per-op kernel registry, and the test fixtures."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+from fastadapters.kernels.bottleneck_ref import bottleneck_ref
+from fastadapters.kernels.lora_ref import lora_ref
+from fastadapters.kernels.prefix_attention_ref import prefix_attention_ref
+
+import fastadapters as fa
+from fastadapters.ops import _registry
+from fastadapters.ops._registry import KernelUnavailableError
+
+
+@pytest.fixture(autouse=True)
+def _no_env_backend(monkeypatch):
+    monkeypatch.delenv("FASTADAPTERS_BACKEND", raising=False)
+
+
+def lora_args(device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 5, 12), (6, 12), (6,), (3, 12), (6, 3)]
+    ts = [torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+    return (*ts, 2.0)
+
+
+def bottleneck_args(device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    h, down, up = (torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in [(2, 5, 12), (4, 12), (12, 4)])
+    return h, down, up, "gelu", 0.5
+
+
+def prefix_args(device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(2)
+    shapes = [(2, 4, 5, 8), (2, 2, 5, 8), (2, 2, 5, 8), (2, 3, 8), (2, 3, 8)]
+    return tuple(torch.randn(*s, generator=g).to(device=device, dtype=dtype) for s in shapes)
+
+
+OPS = {
+    "lora_linear": (fa.ops.lora_linear, lora_args),
+    "bottleneck_adapter": (fa.ops.bottleneck_adapter, bottleneck_args),
+    "prefix_attention": (fa.ops.prefix_attention, prefix_args),
+}
+
+
+# ---------------------------------------------------------------- backend selection
+
+
+def test_default_backend_is_auto():
+    assert fa.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("value,expected", [("torch", "torch"), (" Triton ", "triton"), ("CUDA", "cuda"), ("", "auto")],
+                         ids=["torch", "spaces-case", "upper", "empty"])
+def test_env_var_selects_backend(monkeypatch, value, expected):
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", value)
+    assert fa.get_backend() == expected
+
+
+def test_env_var_unknown_backend(monkeypatch):
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", "tpu")
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu': choose one of \('torch', 'triton', 'cuda', 'auto'\)"):
+        fa.get_backend()
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        fa.ops.lora_linear(*lora_args())
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", "cuda")
+    assert fa.get_backend() == "cuda"
+    with fa.use_backend("torch"):
+        assert fa.get_backend() == "torch"  # the context wins over the env var
+        with fa.use_backend("triton"):
+            assert fa.get_backend() == "triton"
+            with fa.use_backend("auto"):
+                assert fa.get_backend() == "auto"
+            assert fa.get_backend() == "triton"
+        assert fa.get_backend() == "torch"
+    assert fa.get_backend() == "cuda"
+
+
+def test_use_backend_restores_after_an_exception():
+    with pytest.raises(RuntimeError, match="boom"), fa.use_backend("torch"):
+        raise RuntimeError("boom")
+    assert fa.get_backend() == "auto"
+
+
+def test_use_backend_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'"), fa.use_backend("gpu"):
+        pass
+    assert fa.get_backend() == "auto"
+
+
+def test_use_backend_is_per_thread():
+    seen = []
+    with fa.use_backend("torch"):
+        t = threading.Thread(target=lambda: seen.append(fa.get_backend()))
+        t.start()
+        t.join()
+    assert seen == ["auto"]
+
+
+# ---------------------------------------------------------------- dispatch without kernels
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_explicit_backend_without_kernel_raises(op, backend):
+    fn, make = OPS[op]
+    with fa.use_backend(backend), pytest.raises(
+        KernelUnavailableError, match=rf"backend '{backend}' has no {op} kernel yet; use 'torch' or 'auto'"
+    ):
+        fn(*make())
+
+
+def test_env_var_backend_without_kernel_raises(monkeypatch):
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no prefix_attention kernel yet"):
+        fa.ops.prefix_attention(*prefix_args())
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_checks_run_before_dispatch(op):
+    fn, make = OPS[op]
+    args = list(make())
+    args[0] = args[0][..., :-1]  # wrong last dim: a ValueError about the input, whatever the backend
+    with fa.use_backend("triton"), pytest.raises(ValueError, match="has shape"):
+        fn(*args)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_torch_and_auto_run_the_reference(op, nan_poison):
+    fn, make = OPS[op]
+    refs = {"lora_linear": lora_ref, "bottleneck_adapter": bottleneck_ref, "prefix_attention": prefix_attention_ref}
+    expected = refs[op](*make())
+    for backend in ("torch", "auto"):
+        with fa.use_backend(backend):
+            assert torch.equal(fn(*make()), expected)
+    assert fa.ops.registered_backends(op) == ["torch"]
+
+
+# ---------------------------------------------------------------- the registry
+
+
+@pytest.fixture
+def fake_kernels():
+    """Register recording fake kernels for lora_linear; `refuse[backend]` makes that kernel's supports refuse."""
+    calls, refuse = [], {}
+
+    def make(backend):
+        def kernel(*args):
+            calls.append((backend, args))
+            return lora_ref(*args) + 1.0  # distinguishable from the reference
+
+        def supports(*args):
+            return refuse.get(backend)
+
+        return kernel, supports
+
+    try:
+        for backend in ("triton", "cuda"):
+            kernel, supports = make(backend)
+            _registry.register_kernel("lora_linear", backend, kernel, supports=supports)
+        yield calls, refuse
+    finally:
+        for backend in ("triton", "cuda"):
+            _registry.unregister_kernel("lora_linear", backend)
+
+
+def test_registered_kernel_runs_with_the_reference_signature(fake_kernels):
+    calls, _ = fake_kernels
+    args = lora_args()
+    with fa.use_backend("triton"):
+        y = fa.ops.lora_linear(*args, dropout_p=0.2, seed=3)
+    backend, got = calls[-1]
+    assert backend == "triton" and len(got) == 7
+    assert all(a is b for a, b in zip(got[:5], args[:5], strict=True)) and got[5] == 2.0
+    assert torch.equal(got[6], fa.ops.dropout_mask(args[0].shape, 0.2, seed=3))
+    assert torch.equal(y, lora_ref(*got) + 1.0)
+    assert fa.ops.registered_backends("lora_linear") == ["torch", "triton", "cuda"]
+
+
+def test_auto_prefers_cuda_then_triton_then_reference(fake_kernels):
+    calls, refuse = fake_kernels
+    args = lora_args()
+    assert _registry.resolve("lora_linear", *args, None)[0] == "cuda"
+    refuse["cuda"] = "not built"
+    assert _registry.resolve("lora_linear", *args, None)[0] == "triton"
+    refuse["triton"] = "x is on cpu"
+    assert _registry.resolve("lora_linear", *args, None)[0] == "torch"
+    assert torch.equal(fa.ops.lora_linear(*args), lora_ref(*args))
+    assert calls == []
+    with fa.use_backend("torch"):
+        del refuse["cuda"]
+        assert torch.equal(fa.ops.lora_linear(*args), lora_ref(*args))  # torch never runs a kernel
+    assert calls == []
+
+
+def test_explicit_backend_whose_kernel_refuses_raises(fake_kernels):
+    _, refuse = fake_kernels
+    refuse["triton"] = "x is on cpu"
+    with fa.use_backend("triton"), pytest.raises(
+        KernelUnavailableError,
+        match=r"backend 'triton' cannot run lora_linear on these inputs: x is on cpu; use 'auto'",
+    ):
+        fa.ops.lora_linear(*lora_args())
+
+
+def test_register_kernel_as_decorator_and_bad_registrations():
+    try:
+        @fa.ops.register_kernel("bottleneck_adapter", "cuda")
+        def fake(*args):
+            return bottleneck_ref(*args) * 0
+
+        with fa.use_backend("cuda"):
+            assert torch.all(fa.ops.bottleneck_adapter(*bottleneck_args()) == 0)
+    finally:
+        _registry.unregister_kernel("bottleneck_adapter", "cuda")
+    with pytest.raises(ValueError, match=r"kernels register for one of \('triton', 'cuda'\), not 'torch'"):
+        fa.ops.register_kernel("lora_linear", "torch", lora_ref)
+    with pytest.raises(ValueError, match=r"unknown op 'lora': fastadapters\.ops has"):
+        fa.ops.register_kernel("lora", "triton", lora_ref)
+
+
+# ---------------------------------------------------------------- conftest's NaN poison
+
+
+def test_nan_poison_fills_new_allocations(nan_poison):
+    assert torch.empty(3, 4).isnan().all()
+    assert torch.empty_like(torch.zeros(5, dtype=torch.bfloat16)).isnan().all()
+    assert torch.zeros(2).new_empty(7).isnan().all()
+    assert torch.all(torch.empty(4, dtype=torch.int32) == torch.iinfo(torch.int32).max)
+    leaf = torch.empty(3, requires_grad=True)
+    assert leaf.requires_grad and leaf.isnan().all()
+
+
+def test_nan_poison_is_undone_after_the_block():
+    from conftest import nan_poisoned
+
+    real = torch.empty
+    with nan_poisoned():
+        assert torch.empty is not real
+        assert math.isnan(torch.empty(1).item())
+    assert torch.empty is real and "new_empty" not in vars(torch.Tensor)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_reference_on_cuda_matches_cpu(op, dtype):
+    fn, make = OPS[op]
+    out_gpu = fn(*make("cuda", dtype))
+    out_cpu = fn(*make("cpu", dtype))
+    assert out_gpu.device.type == "cuda" and out_gpu.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_seeded_dropout_on_cuda():
+    args = lora_args("cuda")
+    y1 = fa.ops.lora_linear(*args, dropout_p=0.3, seed=7)
+    y2 = fa.ops.lora_linear(*args, dropout_p=0.3, seed=7)
+    assert torch.equal(y1, y2)
+    mask = fa.ops.dropout_mask(args[0].shape, 0.3, device="cuda", seed=7)
+    assert mask.is_cuda and torch.equal(y1, lora_ref(*args, mask))
