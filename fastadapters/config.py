@@ -118,6 +118,7 @@ class BottleneckConfig(AdapterConfig):
     """Bottleneck adapters of LLM-Adapters: f(z) = up(act(down(dropout(z)))), series (AdapterH/AdapterP) or parallel."""
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    unsupported_fields: ClassVar[dict[str, tuple]] = {"bias": ("none", None)}
 
     bottleneck_size: int = 256
     non_linearity: str = "tanh"
@@ -136,6 +137,8 @@ class BottleneckConfig(AdapterConfig):
         _check_dropout("adapter_dropout", self.adapter_dropout)
         if isinstance(self.scaling, str) and self.scaling != "learned":
             raise ValueError(f"scaling={self.scaling!r}: give a float or the string 'learned'")
+        if self.init_weights == "mam_adapter":  # LLM-Adapters' name for the same init
+            self.init_weights = "zero"
         if self.init_weights not in ("zero", "bert"):
             raise ValueError(f"init_weights={self.init_weights!r}: use 'zero' (output unchanged at step 0) or 'bert'")
         if self.use_parallel_adapter and self.use_adapterp:

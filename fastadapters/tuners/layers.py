@@ -111,12 +111,14 @@ class LayerMethod(AdapterMethod):
             if not isinstance(module, self.layer_cls):
                 self.check_module(module_name, module, config)
                 wrapper = self.layer_cls(module)
+                wrapper.train(module.training)
                 parent_name, _, child = module_name.rpartition(".")
                 setattr(am.base_model.get_submodule(parent_name) if parent_name else am.base_model, child, wrapper)
                 module = wrapper
             module.update_layer(name, config, module_name)
             module.adapter_names.append(name)
             module.to(device=module.base_weight().device)
+            module.train(module.base_layer.training)  # new adapter modules follow the model's train/eval mode
 
     def delete(self, am: AdapterModel, name: str) -> None:
         for _, layer in self.layers(am):
