@@ -89,6 +89,10 @@ class LoraConfig(AdapterConfig):
     unsupported_fields: ClassVar[dict[str, tuple]] = {
         "use_dora": (False, None), "lora_bias": (False, None), "layers_to_transform": (None,),
         "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "modules_to_save": (None, []),
+        "exclude_modules": (None,), "layers_pattern": (None,), "layer_replication": (None,),
+        "target_parameters": (None,), "trainable_token_indices": (None,), "use_qalora": (False,),
+        "alora_invocation_tokens": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
+        "megatron_config": (None,), "kasa_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
     }
 
     r: int = 8

@@ -16,6 +16,11 @@ from .tuners import METHODS
 from .tuners.base import AdapterMethod
 
 
+# Names that appear as components of parameter paths: an adapter named like one would be ambiguous in checkpoints.
+RESERVED_NAMES = frozenset({"weight", "bias", "base_layer", "lora_A", "lora_B", "lora_dropout", "adapter_down",
+                            "adapter_up", "adapter_scaling", "embedding", "transform", "model", "base_model"})
+
+
 class AdapterModel(nn.Module):
     """A transformers model carrying one or more named adapters; only adapter parameters train.
 
@@ -37,6 +42,7 @@ class AdapterModel(nn.Module):
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
         self.set_adapter(adapter_name)
+        self.train(model.training)
 
     # -- attribute access falls through to the wrapped model (config, device, generation_config, ...)
     def __getattr__(self, name: str) -> Any:
@@ -63,6 +69,8 @@ class AdapterModel(nn.Module):
             raise TypeError(f"config must be a fastadapters config (LoraConfig, ...), got {type(config).__name__}")
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter name {adapter_name!r} must be a non-empty string without dots")
+        if adapter_name in RESERVED_NAMES:
+            raise ValueError(f"adapter name {adapter_name!r} is also a parameter path component; pick another name")
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter it")
         kinds = {c.peft_type for c in self.peft_config.values()}
