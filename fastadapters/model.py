@@ -214,6 +214,8 @@ class AdapterModel(nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        if not is_trainable:
+            self.eval()
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -224,6 +226,8 @@ class AdapterModel(nn.Module):
         state = load_weights(model_id)
         am = cls(model, config, adapter_name)
         am._method(adapter_name).load_state_dict(am, adapter_name, state)
+        if not is_trainable:
+            am.eval()  # as PEFT: a frozen adapter is for inference, so dropout is off
         return am
 
 

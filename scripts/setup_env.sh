@@ -11,7 +11,7 @@ fi
 stamp=.venv/.fastadapters-setup
 want="$(cat requirements/*.txt setup.py pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  python -m pip install -q --upgrade pip
+  python -m pip install -q --upgrade pip || echo "setup_env: could not upgrade pip; going on with $(python -m pip --version)"
   python -m pip install -q torch==2.13.0
   python -m pip install -q -c requirements/constraints.txt -r requirements/test.txt
   python -m pip install -q --no-deps --no-build-isolation -e .

@@ -1,0 +1,256 @@
+"""One command for a GPU machine: the GPU tests and the quick benchmarks, summed up in OUTDIR/summary.md.
+
+    bash scripts/gpu_check.sh OUTDIR          (installs the package if it can, then runs this)
+    python -m benchmarks.gpu_check OUTDIR     (from the repository root)
+
+Writes into OUTDIR: summary.md (environment, test counts and failures, benchmark tables, notes),
+results.csv (the benchmark rows, columns of benchmarks/common.py), junit.xml (pytest -m gpu), env.txt
+(python -m fastadapters.env), pytest.log and bench.log. Keeps to a time budget (default 330 s, under the
+6 minutes a device check gets) by giving each step a timeout from what is left.
+
+When `fastadapters.kernels` cannot be imported (the package is not installed, so the top-level kernels/
+folder is not mapped into it), the children run with PYTHONPATH=<shim>:<repo>, where <shim> holds a
+sitecustomize.py that maps it (and then runs any sitecustomize it shadows): no install needed.
+`--smoke` runs the same steps on a CPU with tiny shapes (for the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks import common
+
+REPO = common.REPO
+BENCHES = ("bench_lora", "bench_bottleneck", "bench_prefix_attention")
+DEFAULT_BUDGET_S = 300.0  # + the install in scripts/gpu_check.sh (at most 45 s): under 6 minutes
+
+SHIM = '''"""Written by benchmarks/gpu_check.py: maps the repository's top-level kernels/ folder to the module
+fastadapters.kernels (as an install of the package does), then runs the sitecustomize this file shadows."""
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+_KERNELS = {kernels!r}
+
+
+class _FastadaptersKernelsFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "fastadapters.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(_KERNELS, "__init__.py"), submodule_search_locations=[_KERNELS])
+
+
+sys.meta_path.append(_FastadaptersKernelsFinder())
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
+if _spec is not None and _spec.loader is not None:
+    _mod = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_mod)
+'''
+
+
+def write_kernels_shim(directory: str | os.PathLike, repo: str | os.PathLike = REPO) -> Path:
+    """Write `directory`/sitecustomize.py mapping `repo`/kernels to fastadapters.kernels; returns the folder.
+
+    Put the folder first on PYTHONPATH (and the repo after it) for a Python that has not installed fastadapters.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "sitecustomize.py").write_text(SHIM.format(kernels=str(Path(repo).resolve() / "kernels")))
+    return directory
+
+
+def kernels_importable(python: str, env: dict[str, str]) -> bool:
+    """Whether `python` (with `env`, run from the repo root) can import fastadapters.kernels."""
+    r = subprocess.run([python, "-c", "import fastadapters.kernels"], cwd=REPO, env=env, capture_output=True,
+                       timeout=120)
+    return r.returncode == 0
+
+
+def child_env(python: str, force_shim: bool = False) -> tuple[dict[str, str], str]:
+    """The environment for the steps, and how fastadapters.kernels is reached ("installed" or "shim ...")."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    paths = [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if not force_shim and kernels_importable(python, env):
+        return env, "installed (fastadapters.kernels imports)"
+    shim = write_kernels_shim(tempfile.mkdtemp(prefix="fastadapters-shim-"))
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), *paths])
+    how = f"PYTHONPATH shim ({shim}/sitecustomize.py maps kernels/ to fastadapters.kernels)"
+    if not force_shim and not kernels_importable(python, env):
+        how += ": STILL NOT IMPORTABLE (see env.txt)"
+    return env, how
+
+
+def run_step(label: str, cmd: Sequence[str], env: dict[str, str], log: Path,
+             timeout: float) -> tuple[int | None, float]:
+    """Run `cmd` from the repo root, appending its output to `log`; (exit code or None on timeout, seconds).
+
+    On timeout the child first gets SIGINT (pytest then still writes its junit xml for the tests that ran),
+    and is killed 20 s later if it has not stopped.
+    """
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc: int | None = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            rc = None
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            f.write(f"\n[gpu_check] {label} timed out after {timeout:.0f} s\n")
+    dt = time.perf_counter() - t0
+    print(f"[gpu_check] {label}: {'timeout' if rc is None else f'exit {rc}'} in {dt:.0f} s", flush=True)
+    return rc, dt
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts (tests, failures, errors, skipped) and the failing tests' names and messages from a junit xml."""
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []}
+    if not path.exists():
+        return out
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    for s in suites:
+        for k in ("tests", "failures", "errors", "skipped"):
+            out[k] += int(s.get(k, 0))
+        for case in s.iter("testcase"):
+            for bad in (*case.findall("failure"), *case.findall("error")):
+                msg = (bad.get("message") or "").strip().splitlines()
+                out["failed"].append(f"{case.get('classname', '')}::{case.get('name', '')}: "
+                                     f"{msg[0][:300] if msg else bad.tag}")
+    return out
+
+
+def _log_lines(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    if not path.exists():
+        return []
+    return [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.startswith(prefixes)]
+
+
+def write_summary(out: Path, *, started: str, elapsed: float, how: str, steps: list[tuple[str, int | None, float]],
+                  junit: dict | None, rows: list[dict[str, str]], smoke: bool) -> Path:
+    env_txt = (out / "env.txt").read_text() if (out / "env.txt").exists() else "(not collected)"
+    lines = [f"# fastadapters GPU check ({'CPU smoke run' if smoke else 'quick presets'})", "",
+             f"- started {started}, took {elapsed:.0f} s; commit {common.git_commit()}",
+             f"- fastadapters.kernels: {how}", ""]
+    lines += ["## Steps", "", "| step | exit | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {'timeout' if rc is None else rc} | {dt:.0f} |" for name, rc, dt in steps]
+    lines += ["", "## Environment", "", "```", env_txt.rstrip(), "```", ""]
+    lines += ["## GPU tests (pytest -m gpu)", ""]
+    if junit is None:
+        lines.append("not run")
+    else:
+        passed = junit["tests"] - junit["failures"] - junit["errors"] - junit["skipped"]
+        lines.append(f"{passed} passed, {junit['failures']} failed, {junit['errors']} errors, "
+                     f"{junit['skipped']} skipped ({junit['tests']} collected with the gpu marker); log: pytest.log")
+        lines += [f"- FAILED {f}" for f in junit["failed"][:30]]
+        if len(junit["failed"]) > 30:
+            lines.append(f"- ... and {len(junit['failed']) - 30} more (junit.xml)")
+    lines += ["", "## Benchmarks", "",
+              "ms = p50 [p20, p80] per call; peak_MiB = peak allocation above the inputs; x_floor = time / floor.",
+              ""]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        lines += [f"### {op}", "", common.format_table([r for r in rows if r["op"] == op], markdown=True), ""]
+    if not rows:
+        lines += ["no benchmark rows were written", ""]
+    notes = _log_lines(out / "bench.log", ("note:", "ERROR:", "ceilings:", "Traceback", "[gpu_check]"))
+    if notes:
+        lines += ["### Notes and errors (bench.log)", ""] + [f"- {n}" for n in notes] + [""]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("outdir", help="folder for summary.md, results.csv, junit.xml, env.txt and the logs")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: check the plumbing without a GPU")
+    p.add_argument("--budget", type=float, default=float(os.environ.get("FASTADAPTERS_GPU_CHECK_BUDGET",
+                                                                          DEFAULT_BUDGET_S)),
+                   help=f"seconds for everything (default {DEFAULT_BUDGET_S:.0f})")
+    p.add_argument("--tests", default="tests", help="what pytest collects (default tests/)")
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--benches", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--force-shim", action="store_true", help="use the PYTHONPATH shim even if the package imports")
+    args = p.parse_args(argv)
+    benches = [b.strip() for b in args.benches.split(",") if b.strip()]
+    unknown = sorted(set(benches) - set(BENCHES))
+    if unknown:
+        p.error(f"--benches {','.join(unknown)}: choose from {','.join(BENCHES)}")
+
+    t_start = time.perf_counter()
+    deadline = t_start + args.budget
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    out = Path(args.outdir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("pytest.log", "bench.log"):
+        (out / name).write_text("")
+    py = sys.executable
+    env, how = child_env(py, args.force_shim)
+    print(f"[gpu_check] fastadapters.kernels: {how}", flush=True)
+    steps: list[tuple[str, int | None, float]] = []
+
+    def left(reserve: float = 0.0) -> float:
+        return deadline - time.perf_counter() - reserve
+
+    r = subprocess.run([py, "-m", "fastadapters.env"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=max(min(120.0, left()), 1.0))
+    (out / "env.txt").write_text(r.stdout + (f"\n{r.stderr}" if r.returncode else ""))
+    steps.append(("python -m fastadapters.env", r.returncode, 0.0))
+
+    junit = None
+    bench_reserve = 0.0 if args.skip_bench else min(150.0, args.budget * 0.45)
+    if not args.skip_tests:
+        cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'junit.xml'}",
+               "-o", "junit_family=xunit2", args.tests]
+        if importlib.util.find_spec("pytest_timeout") is not None:  # the children run this same Python
+            cmd.insert(-1, "--timeout=120")
+        rc, dt = run_step("pytest -m gpu", cmd, env, out / "pytest.log", left(bench_reserve))
+        steps.append(("pytest -m gpu", rc, dt))
+        junit = junit_summary(out / "junit.xml")
+
+    csv_path = out / "results.csv"
+    before = len(common.read_rows(csv_path)) if csv_path.exists() else 0
+    if not args.skip_bench:
+        preset = ["--smoke", "--device", "cpu"] if args.smoke else ["--quick", "--device", "cuda"]
+        for i, name in enumerate(benches):
+            share = left() / (len(benches) - i)
+            rc, dt = run_step(name, [py, "-m", f"benchmarks.{name}", *preset, "--out", str(csv_path)], env,
+                              out / "bench.log", share)
+            steps.append((name, rc, dt))
+    rows = common.read_rows(csv_path)[before:] if csv_path.exists() else []
+
+    summary = write_summary(out, started=started, elapsed=time.perf_counter() - t_start, how=how, steps=steps,
+                            junit=junit, rows=rows, smoke=args.smoke)
+    print(summary.read_text())
+    ok = all(rc == 0 or (name == "pytest -m gpu" and rc == 5) for name, rc, _ in steps)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
