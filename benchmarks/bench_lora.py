@@ -1,17 +1,18 @@
 """LoRA linear layer: y = x W^T + s * dropout(x) A^T B^T, one projection of a 7B-class model (K = N = 4096, r = 16).
 
-Providers, side by side in one run:
-  floor      the frozen nn.Linear alone (fwd; fwd + input grad): what any LoRA layer costs at least
+Providers, side by side in one run, each in fwd / bwd / fwd+bwd:
+  floor      the frozen nn.Linear alone (fwd; input grad): what any LoRA layer costs at least
   reference  fa.ops.lora_linear on the "torch" backend
   peft       HF PEFT's lora.Linear wrapping the same nn.Linear (the peer)
-  fused      fa.ops.lora_linear on the "triton" backend (skipped with a note while no kernel is registered)
+  fused      fa.ops.lora_linear on the "triton" backend ("cuda" too where one is registered; skipped with a note
+             while no kernel is registered or it refuses the inputs)
 
 Napkin math (bf16, M tokens): base GEMM 2*M*K*N FLOPs; the adapter adds 2*M*r*(K+N), i.e. 2*r/K ~ 0.8 %
 for r=16, so a good fused layer sits within a few % of the floor. fwd+bwd with W frozen: 2 GEMMs on W
 (y, dx) plus 3x the adapter's FLOPs (fwd, dx, dA/dB). The reference and PEFT also read/write the
 dropout(x) and x A^T intermediates (M*K + M*r elements) and run dropout as its own kernel.
 
-    python -m benchmarks.bench_lora [--quick] [--smoke --device cpu] [--out DIR]
+    python -m benchmarks.bench_lora [--preset smoke|quick|full] [--device cpu] [--out DIR]   (the driver, this op)
 """
 
 from __future__ import annotations
@@ -26,21 +27,18 @@ import fastadapters as fa
 from benchmarks import common
 
 OP = "lora_linear"
-MODES = ("fwd", "fwd+bwd")
-
-
-def presets(args) -> dict:
-    if args.smoke:
-        return {"Ms": (64,), "K": 128, "N": 128, "r": 8, "ps": (0.05, 0.0)}
-    if args.quick:
-        return {"Ms": (4096,), "K": 4096, "N": 4096, "r": 16, "ps": (0.05, 0.0)}
-    return {"Ms": (256, 4096, 16384), "K": 4096, "N": 4096, "r": 16, "ps": (0.05, 0.0)}
+MODES = common.MODES
+PRESETS = {
+    "smoke": {"Ms": (64,), "K": 128, "N": 128, "r": 8, "ps": (0.05, 0.0)},
+    "quick": {"Ms": (4096,), "K": 4096, "N": 4096, "r": 16, "ps": (0.05, 0.0)},
+    "full": {"Ms": (256, 4096, 16384), "K": 4096, "N": 4096, "r": 16, "ps": (0.05, 0.0)},
+}
 
 
 def lora_flops(M: int, K: int, N: int, r: int) -> dict[str, float]:
-    """FLOPs per mode: fwd = base + adapter; fwd+bwd = 2 base GEMMs (y, dx) + 3x adapter (W frozen)."""
+    """FLOPs per mode: fwd = base + adapter; bwd = base (dx) + 2x adapter (dx, dA, dB; W frozen); fwd+bwd = sum."""
     base, adapter = 2.0 * M * K * N, 2.0 * M * r * (K + N)
-    return {"fwd": base + adapter, "fwd+bwd": 2 * base + 3 * adapter}
+    return {"fwd": base + adapter, "bwd": base + 2 * adapter, "fwd+bwd": 2 * base + 3 * adapter}
 
 
 def peft_layer(linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, r: int, alpha: float, p: float):
@@ -58,10 +56,10 @@ def peft_layer(linear: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, r:
     return layer.train()
 
 
-def bench_shape(rec: common.Recorder, M: int, K: int, N: int, r: int, ps: Sequence[float], dtype: torch.dtype,
-                budget: dict[str, float], has_fused: bool) -> None:
+def bench_shape(rec: common.Recorder, ctx: common.Context, M: int, K: int, N: int, r: int,
+                ps: Sequence[float]) -> None:
     """All providers at one M (the floor once, the rest per dropout probability)."""
-    device = rec.device
+    device, dtype, budget = ctx.device, ctx.dtype, ctx.budget
     alpha = 2.0 * r
     scaling = alpha / r
     torch.manual_seed(0)
@@ -71,9 +69,10 @@ def bench_shape(rec: common.Recorder, M: int, K: int, N: int, r: int, ps: Sequen
     lora_A = (torch.randn(r, K, device=device, dtype=dtype) * K**-0.5).requires_grad_()
     lora_B = (torch.randn(N, r, device=device, dtype=dtype) * r**-0.5).requires_grad_()
     flops = lora_flops(M, K, N, r)
+    base = 2.0 * M * K * N
 
     floor = common.measure(rec, "floor", f"M={M} K={K} N={N}", dtype, lambda: linear(x), [x], MODES, budget,
-                           flops={"fwd": 2.0 * M * K * N, "fwd+bwd": 4.0 * M * K * N})
+                           flops={"fwd": base, "bwd": base, "fwd+bwd": 2 * base})
     for p in ps:
         shape = f"M={M} K={K} N={N} r={r} p={p}"
 
@@ -91,27 +90,22 @@ def bench_shape(rec: common.Recorder, M: int, K: int, N: int, r: int, ps: Sequen
             grads = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
             common.measure(rec, "peft", shape, dtype, lambda layer=layer: layer(x), grads, MODES, budget,
                            flops=flops, floor=floor)
-        if has_fused:
-            try:
-                op("triton")
-            except fa.ops.KernelUnavailableError as e:
-                rec.note(f"fused (triton) {shape}: skipped ({e})")
-            else:
-                common.measure(rec, "fused", shape, dtype, lambda op=op: op("triton"), [x, lora_A, lora_B], MODES,
-                               budget, flops=flops, floor=floor)
+        for provider, backend in common.fused_providers(rec, op):
+            common.measure(rec, provider, shape, dtype, lambda op=op, b=backend: op(b), [x, lora_A, lora_B], MODES,
+                           budget, flops=flops, floor=floor)
+
+
+def bench(rec: common.Recorder, ctx: common.Context, cfg: dict) -> None:
+    """Every provider at each M of the preset `cfg` (see PRESETS)."""
+    for M in cfg["Ms"]:
+        bench_shape(rec, ctx, M, cfg["K"], cfg["N"], cfg["r"], cfg["ps"])
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = common.base_parser(__doc__.splitlines()[0]).parse_args(argv)
-    device, dtype, budget = common.setup(args)
-    cfg = presets(args)
-    rec = common.Recorder(OP, device)
-    has_fused = common.backend_available(OP, "triton")
-    if not has_fused:
-        rec.note("fused (triton): skipped, no triton kernel is registered for lora_linear yet")
-    for M in cfg["Ms"]:
-        bench_shape(rec, M, cfg["K"], cfg["N"], cfg["r"], cfg["ps"], dtype, budget, has_fused)
-    return rec.finish(args.out)
+    """The driver (benchmarks/run.py) with this op only; `argv` takes the driver's options."""
+    from benchmarks.run import main_for
+
+    return main_for("lora", argv)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
     bash scripts/gpu_check.sh OUTDIR          (installs the package if it can, then runs this)
     python -m benchmarks.gpu_check OUTDIR     (from the repository root)
 
-Writes into OUTDIR: summary.md (environment, test counts and failures, benchmark tables, notes),
-results.csv (the benchmark rows, columns of benchmarks/common.py), junit.xml (pytest -m gpu), env.txt
-(python -m fastadapters.env), pytest.log and bench.log. Keeps to a time budget (default 330 s, under the
-6 minutes a device check gets) by giving each step a timeout from what is left.
+Writes into OUTDIR: summary.md (environment, test counts and failures, benchmark tables, notes, charts),
+results.csv (the benchmark rows, columns of benchmarks/common.py), plots/ (PNG charts, when matplotlib is
+there), junit.xml (pytest -m gpu), env.txt (python -m fastadapters.env), pytest.log and bench.log. The
+benchmarks are the driver's `quick` preset (`python -m benchmarks --preset quick`), one process per group of
+OP_GROUPS so that a crashed kernel or a timeout costs only the rest of its group (rows are written as they are
+measured). Keeps to a time budget (default 300 s, plus at most 45 s of install: under 6 minutes on an H200) by
+giving each step a timeout from what is left, shared among the groups by OP_WEIGHTS.
 
 When `fastadapters.kernels` cannot be imported (the package is not installed, so the top-level kernels/
 folder is not mapped into it), the children run with PYTHONPATH=<shim>:<repo>, where <shim> holds a
@@ -29,10 +32,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import common
+from benchmarks.run import REGISTRY
 
 REPO = common.REPO
-BENCHES = ("bench_lora", "bench_bottleneck", "bench_prefix_attention")
 DEFAULT_BUDGET_S = 300.0  # + the install in scripts/gpu_check.sh (at most 45 s): under 6 minutes
+BENCH_SHARE = 0.7  # of the budget kept for the benchmarks while the GPU tests run (at most BENCH_RESERVE_S)
+BENCH_RESERVE_S = 210.0
+# One driver process per group (a process start costs ~6-8 s of imports and CUDA init; a crashed kernel costs
+# the rest of its group only), and the relative time each op may take of what is left: FlexAttention compiles,
+# the model level builds a 2-layer 7B-shaped model, decode runs ~70 generate() calls of 128 tokens.
+OP_GROUPS = (("lora", "bottleneck", "multi_lora", "prefix_attention"), ("model",), ("decode",))
+OP_WEIGHTS = {"lora": 1.5, "bottleneck": 1.0, "multi_lora": 1.5, "prefix_attention": 2.5, "model": 2.0,
+              "decode": 2.5}
 
 SHIM = '''"""Written by benchmarks/gpu_check.py: maps the repository's top-level kernels/ folder to the module
 fastadapters.kernels (as an install of the package does), then runs the sitecustomize this file shadows."""
@@ -152,7 +163,7 @@ def _log_lines(path: Path, prefixes: tuple[str, ...]) -> list[str]:
 
 
 def write_summary(out: Path, *, started: str, elapsed: float, how: str, steps: list[tuple[str, int | None, float]],
-                  junit: dict | None, rows: list[dict[str, str]], smoke: bool) -> Path:
+                  junit: dict | None, rows: list[dict[str, str]], smoke: bool, plots_note: str = "") -> Path:
     env_txt = (out / "env.txt").read_text() if (out / "env.txt").exists() else "(not collected)"
     lines = [f"# fastadapters GPU check ({'CPU smoke run' if smoke else 'quick presets'})", "",
              f"- started {started}, took {elapsed:.0f} s; commit {common.git_commit()}",
@@ -180,9 +191,34 @@ def write_summary(out: Path, *, started: str, elapsed: float, how: str, steps: l
     notes = _log_lines(out / "bench.log", ("note:", "ERROR:", "ceilings:", "Traceback", "[gpu_check]"))
     if notes:
         lines += ["### Notes and errors (bench.log)", ""] + [f"- {n}" for n in notes] + [""]
+    pngs = sorted((out / "plots").glob("*.png"))
+    lines += ["### Charts", ""] + ([f"- plots/{p.name}" for p in pngs] or [plots_note or "none drawn"]) + [""]
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def bench_groups(ops: Sequence[str]) -> list[tuple[str, ...]]:
+    """OP_GROUPS restricted to `ops` (an op in no group runs alone), empty groups dropped."""
+    grouped = [tuple(n for n in g if n in ops) for g in OP_GROUPS]
+    grouped += [(n,) for n in ops if not any(n in g for g in OP_GROUPS)]
+    return [g for g in grouped if g]
+
+
+def draw_plots(csv_path: Path, out: Path) -> str:
+    """Draw the charts of `csv_path` into `out` (in this process); "" when drawn, else why not."""
+    if not csv_path.exists():
+        return "no results.csv: nothing to draw"
+    try:
+        from benchmarks import plot
+
+        drawn = plot.draw([csv_path], out)
+    except ModuleNotFoundError as e:
+        return f"not drawn ({e}): draw them later with python -m benchmarks.plot results.csv"
+    except Exception as e:  # a chart must not cost the summary
+        return f"not drawn ({type(e).__name__}: {e})"
+    print(f"[gpu_check] {len(drawn)} charts in {out}", flush=True)
+    return "" if drawn else "no rows to draw"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,13 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tests", default="tests", help="what pytest collects (default tests/)")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
-    p.add_argument("--benches", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
+    p.add_argument("--ops", default=",".join(REGISTRY), help=f"comma-separated subset of {','.join(REGISTRY)}")
     p.add_argument("--force-shim", action="store_true", help="use the PYTHONPATH shim even if the package imports")
     args = p.parse_args(argv)
-    benches = [b.strip() for b in args.benches.split(",") if b.strip()]
-    unknown = sorted(set(benches) - set(BENCHES))
+    ops = [b.strip() for b in args.ops.split(",") if b.strip()]
+    unknown = sorted(set(ops) - set(REGISTRY))
     if unknown:
-        p.error(f"--benches {','.join(unknown)}: choose from {','.join(BENCHES)}")
+        p.error(f"--ops {','.join(unknown)}: choose from {','.join(REGISTRY)}")
 
     t_start = time.perf_counter()
     deadline = t_start + args.budget
@@ -224,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps.append(("python -m fastadapters.env", r.returncode, 0.0))
 
     junit = None
-    bench_reserve = 0.0 if args.skip_bench else min(150.0, args.budget * 0.45)
+    bench_reserve = 0.0 if args.skip_bench else min(BENCH_RESERVE_S, args.budget * BENCH_SHARE)
     if not args.skip_tests:
         cmd = [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={out / 'junit.xml'}",
                "-o", "junit_family=xunit2", args.tests]
@@ -236,17 +272,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     csv_path = out / "results.csv"
     before = len(common.read_rows(csv_path)) if csv_path.exists() else 0
+    plots_note = ""
     if not args.skip_bench:
-        preset = ["--smoke", "--device", "cpu"] if args.smoke else ["--quick", "--device", "cuda"]
-        for i, name in enumerate(benches):
-            share = left() / (len(benches) - i)
-            rc, dt = run_step(name, [py, "-m", f"benchmarks.{name}", *preset, "--out", str(csv_path)], env,
-                              out / "bench.log", share)
+        preset = ["--preset", "smoke", "--device", "cpu"] if args.smoke else ["--preset", "quick", "--device", "cuda"]
+        groups = bench_groups(ops)
+        for i, group in enumerate(groups):
+            weight = [sum(OP_WEIGHTS.get(n, 1.0) for n in g) for g in groups[i:]]
+            name = ",".join(group)
+            rc, dt = run_step(name, [py, "-m", "benchmarks", *preset, "--ops", name, "--out", str(csv_path)], env,
+                              out / "bench.log", left() * weight[0] / sum(weight))
             steps.append((name, rc, dt))
+        plots_note = draw_plots(csv_path, out / "plots")
     rows = common.read_rows(csv_path)[before:] if csv_path.exists() else []
 
     summary = write_summary(out, started=started, elapsed=time.perf_counter() - t_start, how=how, steps=steps,
-                            junit=junit, rows=rows, smoke=args.smoke)
+                            junit=junit, rows=rows, smoke=args.smoke, plots_note=plots_note)
     print(summary.read_text())
     ok = all(rc == 0 or (name == "pytest -m gpu" and rc == 5) for name, rc, _ in steps)
     return 0 if ok else 1

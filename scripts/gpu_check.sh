@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: GPU tests + quick benchmarks, results in OUTDIR (summary.md, results.csv,
-# junit.xml, env.txt, pytest.log, bench.log, setup.log). Meant to finish in under 6 minutes on one H200.
+# One command for a GPU machine: GPU tests + the `quick` preset of every benchmark (kernel level, model level,
+# decode), results in OUTDIR (summary.md with the tables, results.csv, plots/*.png, junit.xml, env.txt, pytest.log,
+# bench.log, setup.log). Meant to finish in under 6 minutes on one H200.
 #   bash scripts/gpu_check.sh OUTDIR            (on the device machine: bash scripts/gpu_check.sh "$OUT")
+#   bash scripts/gpu_check.sh OUTDIR --skip-tests --ops lora,model     (options of benchmarks/gpu_check.py)
 # Uses $PYTHON, else python3 (which holds torch on the GPU machine). It tries an editable install so that the
 # top-level kernels/ folder imports as fastadapters.kernels; when that cannot be done, benchmarks/gpu_check.py
 # falls back to PYTHONPATH plus a small sitecustomize shim. Set FASTADAPTERS_NO_INSTALL=1 to skip the install.
