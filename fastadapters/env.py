@@ -15,10 +15,9 @@ import platform
 import sys
 from typing import Any
 
-OPS = ("lora_linear", "bottleneck_adapter", "prefix_attention")
+OPS = ("lora_linear", "bottleneck_adapter", "prefix_attention", "multi_lora_delta")
 CHOICES = ("torch", "triton", "cuda", "auto")
 PACKAGES = ("torch", "triton", "transformers", "peft", "safetensors")
-EXTENSION_MODULE = "fastadapters._C"
 
 
 def _version(dist: str) -> str:
@@ -61,6 +60,9 @@ def _sample_args(op: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         return (t(4, 64), t(16, 64), t(64, 16), "silu", 1.0, None), {}
     if op == "prefix_attention":  # q, k, v, prefix_k, prefix_v, causal, scale, key_padding_mask
         return (t(1, 2, 16, 64), t(1, 2, 16, 64), t(1, 2, 16, 64), t(2, 4, 64), t(2, 4, 64), True, None, None), {}
+    if op == "multi_lora_delta":  # x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out
+        idx = torch.zeros(4, device=dev, dtype=torch.int32)
+        return (t(4, 64), t(2, 16, 64), t(2, 64, 16), torch.ones(2, device=dev), idx, t(4, 64)), {}
     raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
 
 
@@ -102,20 +104,21 @@ def _why_unavailable(e: Exception) -> str:
 
 
 def extension_status() -> str:
-    """Whether the optional C++/CUDA extension (csrc/) is built and loads."""
-    if importlib.util.find_spec("fastadapters") is None:
-        return "not built"
+    """Whether the optional C++/CUDA extension (csrc/) is built and loads (never compiles anything)."""
     try:
-        spec = importlib.util.find_spec(EXTENSION_MODULE)
-    except ImportError:
-        spec = None
-    if spec is None:
-        return "not built (optional; the C++/CUDA extension in csrc/ lands in a later issue)"
-    try:
-        importlib.import_module(EXTENSION_MODULE)
-    except Exception as e:  # built for another torch, missing CUDA libraries, ...
-        return f"built but fails to load ({type(e).__name__}: {e}); the torch/Triton paths are used"
-    return "built"
+        from fastadapters import ext
+
+        st = ext.status()
+    except Exception as e:  # a broken install still deserves a report
+        return f"unknown ({type(e).__name__}: {e})"
+    if not st["enabled"]:
+        return "disabled (FASTADAPTERS_EXT=0)"
+    if not st["loaded"]:
+        why = st["error"] or "not built yet: `python -m fastadapters.ext` builds it (optional)"
+        return f"not loaded ({why}); the torch/Triton paths are used"
+    cuda = "with CUDA kernels" if st["with_cuda"] else f"CPU code only ({st['cuda_not_buildable_because']})"
+    paths = "; ".join(f"{op}: " + ", ".join(f"{k} -> {v}" for k, v in d.items()) for op, d in st["ops"].items())
+    return f"built, {cuda}, build {st['build_seconds']} s, in {st['folder']}\n  {paths}"
 
 
 def collect() -> dict[str, Any]:

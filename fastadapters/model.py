@@ -15,7 +15,6 @@ from .config import AdapterConfig
 from .tuners import METHODS
 from .tuners.base import AdapterMethod
 
-
 # Names that appear as components of parameter paths: an adapter named like one would be ambiguous in checkpoints.
 RESERVED_NAMES = frozenset({"weight", "bias", "base_layer", "lora_A", "lora_B", "lora_dropout", "adapter_down",
                             "adapter_up", "adapter_scaling", "embedding", "transform", "model", "base_model"})
@@ -131,15 +130,30 @@ class AdapterModel(nn.Module):
                 self._method(saved[0]).set_active(self, saved)
 
     # -- calling
+    def _call_method(self, kwargs: dict[str, Any]) -> AdapterMethod | None:
+        """The method that runs a call: the active adapters'. With adapter_names= (a mixed batch, one adapter per
+        sequence) the method of the model's adapters, also inside disable_adapter(), so the names get checked."""
+        if "adapter_names" in kwargs and kwargs["adapter_names"] is None:
+            del kwargs["adapter_names"]
+        if "adapter_names" not in kwargs:
+            return self._method(self.active_adapters[0]) if self.active_adapters else None
+        method = self._method(self.active_adapters[0] if self.active_adapters else next(iter(self.peft_config), ""))
+        if not getattr(method, "supports_mixed_batch", False):
+            raise ValueError(f"adapter_names (one adapter per sequence) works with LoRA adapters; this model holds "
+                             f"{method.peft_type} adapters: call set_adapter(name) and run one adapter at a time")
+        return method
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.active_adapters:
+        method = self._call_method(kwargs)
+        if method is None:
             return self.base_model(*args, **kwargs)
-        return self._method(self.active_adapters[0]).forward(self, *args, **kwargs)
+        return method.forward(self, *args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.active_adapters:
+        method = self._call_method(kwargs)
+        if method is None:
             return self.base_model.generate(*args, **kwargs)
-        return self._method(self.active_adapters[0]).generate(self, *args, **kwargs)
+        return method.generate(self, *args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..backend import BACKENDS, get_backend
 
-OPS = ("lora_linear", "bottleneck_adapter", "prefix_attention")
+OPS = ("lora_linear", "bottleneck_adapter", "prefix_attention", "multi_lora_delta")
 KERNEL_BACKENDS = ("triton", "cuda")
 AUTO_ORDER = ("cuda", "triton")
 

@@ -14,6 +14,15 @@ base weight and adapter do not share one dtype (a bf16 model with fp32 adapters,
 the way PEFT does: base output in the input's dtype, the LoRA branch in the adapter's dtype, the sum cast back to
 the base output's dtype.
 
+Mixed batches (inference): `model(..., adapter_names=[...])` / `model.generate(..., adapter_names=[...])` give
+each sequence its own adapter ("__base__": none), as PEFT does. LoraMethod checks the names and hands every
+LoraLayer a `MixedBatch` for the call; each layer runs its base layer once plus one
+`fastadapters.ops.multi_lora_delta` over the whole batch (per-token adapter indices into the layer's adapters
+stacked and zero-padded to their largest rank: Triton / CUDA kernels on a GPU, the reference on the CPU).
+The stacks are cached per layer and rebuilt when an adapter's weights change (tensor version counters);
+they cost one extra copy of the adapter weights while cached. With grad enabled and adapter weights that
+require grad, the stacks are built differentiably each call and the reference runs.
+
 Merging is exact: the first merge keeps a copy of the original base weight; every merge recomputes
 W = round(W_orig + sum of merged deltas, computed in fp32) and unmerge puts the copy back bit for bit. The copy
 costs one extra weight per merged layer until unmerge / unload.
@@ -21,9 +30,11 @@ costs one extra weight per merged layer until unmerge / unload.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +43,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import LoraConfig
+from ..ops.multi_lora import multi_lora_delta, multi_lora_delta_
 from ..targets import LORA_TARGETS, default_targets
 from . import register
 from .layers import PEFT_PREFIX, AdapterLayer, LayerMethod, is_conv1d
@@ -46,6 +58,51 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
         return torch.float32
     return base_dtype
+
+
+BASE_ADAPTER = "__base__"  # in adapter_names: this sequence runs the base model alone
+
+
+@dataclass
+class MixedBatch:
+    """One call's adapter per sequence, shared by every LoraLayer during the call.
+
+    order: the model's LoRA adapter names, in stack-slot order; seq_idx: (B,) int64 slot per sequence on the
+    model's device (-1 = "__base__"); names: the per-sequence names (after any beam expansion).
+    """
+
+    order: tuple[str, ...]
+    seq_idx: torch.Tensor
+    names: tuple[str, ...]
+    all_base: bool
+    _tokens: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # id(layer) -> its stacks, looked up once per call (generate(): once for all steps) to keep the per-step
+    # Python work of a layer to a dict lookup and one dispatch
+    stacks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def token_idx(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """(batch * length,) slot per token for a layer input of `batch` sequences of `length` tokens.
+
+        A batch that is a multiple of the names (generation strategies that expand sequences in place, with
+        repeat_interleave as transformers does) repeats each name; any other size is an error.
+        """
+        key = (batch, length, device)
+        tok = self._tokens.get(key)
+        if tok is not None:
+            return tok
+        seq = self.seq_idx
+        n = seq.shape[0]
+        if batch != n:
+            if n == 0 or batch % n:
+                raise ValueError(
+                    f"a LoRA layer got a batch of {batch} sequences but adapter_names has {n} names: pass one name "
+                    "per sequence (with num_beams / num_return_sequences, one per input: they are repeated)"
+                )
+            seq = seq.repeat_interleave(batch // n)
+        seq = seq.to(device)
+        tok = seq if length == 1 else seq[:, None].expand(batch, length).reshape(-1)
+        self._tokens[key] = tok
+        return tok
 
 
 class LoraLayer(AdapterLayer):
@@ -67,6 +124,8 @@ class LoraLayer(AdapterLayer):
         self.use_rslora: dict[str, bool] = {}
         self.fan_in_fan_out = is_conv1d(base_layer)
         self._orig_weight: torch.Tensor | None = None  # the base weight before any merge (see module docstring)
+        self._mixed: MixedBatch | None = None  # set by LoraMethod for the duration of a mixed-batch call
+        self._stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     # PEFT's tuner layers expose the base layer's tensors; some model code reads `module.weight`.
     @property
@@ -127,6 +186,7 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(name)
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             d.pop(name, None)
+        self._stack_cache = None
 
     def _dropout_p(self, name: str) -> float:
         drop = self.lora_dropout[name]
@@ -134,7 +194,12 @@ class LoraLayer(AdapterLayer):
 
     # -- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x: (..., K) -> (..., N): base output plus each active, unmerged adapter's s * dropout(x) A^T B^T."""
+        """x: (..., K) -> (..., N): base output plus each active, unmerged adapter's s * dropout(x) A^T B^T.
+
+        During a mixed-batch call (LoraMethod sets `_mixed`), each sequence gets its own adapter instead.
+        """
+        if self._mixed is not None:
+            return self._mixed_forward(x, self._mixed, *args, **kwargs)
         names = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.lora_A]
         if not names:
             return self.base_layer(x, *args, **kwargs)
@@ -161,6 +226,82 @@ class LoraLayer(AdapterLayer):
         """s * dropout(x) A^T B^T for adapter `name`; x: (..., K) in the adapter's dtype -> (..., N)."""
         h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
         return F.linear(h, self.lora_B[name].weight) * self.scaling[name]
+
+    # -- mixed batches
+    def adapter_stacks(self, order: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_stack (n, R, K), B_stack (n, N, R), scalings (n,) fp32) of the adapters `order`, in that order.
+
+        R is the largest rank among them (smaller ranks zero-padded); an adapter this layer does not carry gets
+        zero weights and scaling 0. dtype: the adapters' (promoted) dtype. Cached until a weight changes; built
+        differentiably (and not cached) when grad is enabled and an adapter weight requires grad.
+        """
+        present = [n for n in order if n in self.lora_A]
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present]
+        grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights)
+        # storage, version (in-place writes), dtype and device of every weight: .to() / load / optimizer steps
+        key = (tuple(order), tuple((n, a.data_ptr(), a._version, a.dtype, a.device, b.data_ptr(), b._version,
+                                    b.dtype, self.scaling[n]) for n, (a, b) in zip(present, weights, strict=True)))
+        if not grad and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        ref = weights[0][0]
+        dtype = ref.dtype
+        for a, b in weights:
+            dtype = torch.promote_types(torch.promote_types(dtype, a.dtype), b.dtype)
+        R = max(a.shape[0] for a, _ in weights)
+        K, N = self.in_features, self.out_features
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            zA = torch.zeros((R, K), device=ref.device, dtype=dtype)
+            zB = torch.zeros((N, R), device=ref.device, dtype=dtype)
+            A_rows, B_rows, s = [], [], []
+            for n in order:
+                if n in self.lora_A:
+                    a, b = self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype)
+                    r = a.shape[0]
+                    A_rows.append(F.pad(a, (0, 0, 0, R - r)) if r < R else a)
+                    B_rows.append(F.pad(b, (0, R - r)) if r < R else b)
+                    s.append(float(self.scaling[n]))
+                else:
+                    A_rows.append(zA)
+                    B_rows.append(zB)
+                    s.append(0.0)
+            stacks = (torch.stack(A_rows).contiguous(), torch.stack(B_rows).contiguous(),
+                      torch.tensor(s, dtype=torch.float32, device=ref.device))
+        self._stack_cache = None if grad else (key, stacks)
+        return stacks
+
+    def _mixed_forward(self, x: torch.Tensor, mixed: MixedBatch, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus, for every token, its sequence's adapter (one multi_lora_delta for the batch)."""
+        if self.merged_adapters:
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the base weights: a mixed batch (adapter_names) "
+                "needs unmerged adapters; call model.unmerge_adapter() first"
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed.all_base or not any(n in self.lora_A for n in mixed.order):
+            return result
+        if x.dim() < 2:
+            raise ValueError(f"a mixed batch needs layer inputs of shape (batch, ..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        batch = x.shape[0]
+        if batch == 0 or x.numel() == 0:
+            return result
+        length = x[0].numel() // max(self.in_features, 1)
+        idx = mixed.token_idx(batch, length, x.device)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.lora_A.parameters()))
+        stacks = None if grad else mixed.stacks.get(id(self))
+        if stacks is None:
+            stacks = self.adapter_stacks(mixed.order)
+            if not grad:
+                mixed.stacks[id(self)] = stacks
+        A, B, s = stacks
+        # PEFT's cast: the LoRA branch in the adapters' dtype, the sum back to the base output's dtype
+        xl = x.to(A.dtype)
+        if not grad and result.dtype == A.dtype and result.is_contiguous():  # in place, no checks (built here)
+            multi_lora_delta_(xl.reshape(-1, self.in_features), A, B, s, idx, result.view(-1, self.out_features))
+            return result
+        idx = idx.view(x.shape[:-1])
+        return (result + multi_lora_delta(xl, A, B, s, idx)).to(result.dtype)
 
     # -- merging
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -204,6 +345,7 @@ class LoraMethod(LayerMethod):
 
     peft_type = "LORA"
     layer_cls = LoraLayer
+    supports_mixed_batch = True  # AdapterModel routes adapter_names= here even inside disable_adapter()
 
     def default_targets(self, am: AdapterModel, config: AdapterConfig) -> list[str] | str:
         model_type = getattr(getattr(am.base_model, "config", None), "model_type", None)
@@ -283,3 +425,79 @@ class LoraMethod(LayerMethod):
                 f"call set_adapter({names!r}) first"
             )
         super().merge(am, names)
+
+    # -- mixed batches: adapter_names=[...] one per sequence ("__base__": no adapter), inference only
+    def forward(self, am: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            return super().forward(am, *args, **kwargs)
+        with self.mixed_batch(am, names, _batch_size(args, kwargs)):
+            return am.base_model(*args, **kwargs)
+
+    def generate(self, am: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+        names = kwargs.pop("adapter_names", None)
+        if names is None:
+            return super().generate(am, *args, **kwargs)
+        gc = kwargs.get("generation_config") or getattr(am.base_model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+        returns = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+        with self.mixed_batch(am, names, _batch_size(args, kwargs), expand=max(int(beams), int(returns))):
+            return am.base_model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def mixed_batch(self, am: AdapterModel, adapter_names: Sequence[str], batch: int | None = None,
+                    expand: int = 1) -> Iterator[MixedBatch]:
+        """Inside the block every LoraLayer gives sequence b the adapter adapter_names[b] ("__base__": none).
+
+        batch: the number of input sequences, checked against the names when known; expand: how many rows
+        generate() makes of each input (num_beams / num_return_sequences): each name is repeated that often.
+        Errors: training mode, a name that is not a string, an unknown adapter, a wrong number of names, a
+        merged adapter.
+        """
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per sequence, got "
+                            f"{type(adapter_names).__name__}")
+        names = list(adapter_names)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"adapter_names holds {bad[0]!r} ({type(bad[0]).__name__}): use adapter names "
+                            f"(strings), or {BASE_ADAPTER!r} for no adapter")
+        if am.training:
+            raise ValueError("adapter_names (a mixed-adapter batch) is for inference: call model.eval() first")
+        order = tuple(n for n, c in am.peft_config.items() if c.peft_type == self.peft_type)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in order})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown} in adapter_names: this model has LoRA adapters "
+                             f"{list(order)}; use {BASE_ADAPTER!r} for no adapter")
+        if batch is not None and len(names) != batch:
+            raise ValueError(f"adapter_names has {len(names)} names but the batch has {batch} sequences: pass one "
+                             f"name per sequence ({BASE_ADAPTER!r} for no adapter)")
+        layers = [layer for _, layer in self.layers(am)]
+        merged = sorted({n for layer in layers for n in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapters {merged} are merged into the base weights: a mixed batch (adapter_names) "
+                             "needs unmerged adapters; call model.unmerge_adapter() first")
+        if not am.active_adapters:  # inside disable_adapter(): the base model for every sequence, as PEFT
+            names = [BASE_ADAPTER] * len(names)
+        expand = max(1, int(expand))
+        names = [n for n in names for _ in range(expand)]
+        slot = {n: i for i, n in enumerate(order)}
+        device = next((p.device for p in am.base_model.parameters()), torch.device("cpu"))
+        seq_idx = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.long).to(device)
+        mixed = MixedBatch(order, seq_idx, tuple(names), all(n == BASE_ADAPTER for n in names))
+        saved = [layer._mixed for layer in layers]
+        for layer in layers:
+            layer._mixed = mixed
+        try:
+            yield mixed
+        finally:
+            for layer, old in zip(layers, saved, strict=True):
+                layer._mixed = old
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Number of sequences of a model call: from input_ids / inputs_embeds (keyword or first positional)."""
+    for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0]) if t.dim() >= 2 else 1
+    return None
