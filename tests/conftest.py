@@ -13,6 +13,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from tiny_models import ...`
 
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter. It must be switched on before triton
+# is first imported (importing fastadapters imports it), so here, ahead of every test module. Backend "auto" never
+# picks the interpreter; tests ask for backend "triton" explicitly.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` skip cleanly when CUDA is not available, so a plain `pytest` passes on CPU."""

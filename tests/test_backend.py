@@ -21,6 +21,20 @@ def _no_env_backend(monkeypatch):
     monkeypatch.delenv("FASTADAPTERS_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _empty_registry():
+    """Dispatch is tested on a registry without the real kernels; they are put back afterwards."""
+    saved = {op: dict(kernels) for op, kernels in _registry._KERNELS.items()}
+    for kernels in _registry._KERNELS.values():
+        kernels.clear()
+    try:
+        yield
+    finally:
+        for op, kernels in saved.items():
+            _registry._KERNELS[op].clear()
+            _registry._KERNELS[op].update(kernels)
+
+
 def lora_args(device="cpu", dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 5, 12), (6, 12), (6,), (3, 12), (6, 3)]

@@ -9,6 +9,7 @@ from . import _registry
 from ._utils import check_dropout, check_same, check_scalar, check_tensor, fmt_shape, maybe_dropout_mask
 
 _registry.register_reference("lora_linear", lora_ref)
+from . import lora_triton  # noqa: E402, F401  (registers the "triton" kernel; imports no triton until called)
 
 
 def lora_linear(
@@ -29,7 +30,8 @@ def lora_linear(
     (lora_alpha / r, or / sqrt(r) with rsLoRA). Dropout (on the LoRA branch only) is applied when dropout_p > 0
     and training: a Bernoulli keep-mask scaled by 1/(1-p), from torch's RNG, or from a generator seeded with
     `seed` (same seed, same mask). All tensors share x's dtype and device. Returns y: (..., N) in x's dtype.
-    Runs the backend of fastadapters.get_backend() ("torch"/"auto" use the reference today).
+    Runs the backend of fastadapters.get_backend(). A kernel flagged `generates_dropout_mask` (the "triton" one)
+    gets (dropout_p, seed) and draws its own mask (Philox: a different mask than the reference's for one seed).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, 2)
@@ -59,5 +61,9 @@ def lora_linear(
     scaling = check_scalar("scaling", scaling)
     check_dropout(dropout_p, training, seed)
 
+    _, fn = _registry.resolve("lora_linear", x, weight, bias, lora_A, lora_B, scaling, None)
+    if getattr(fn, "generates_dropout_mask", False):  # draws the mask from a seed inside the kernel (Philox)
+        return fn(x, weight, bias, lora_A, lora_B, scaling, None, dropout_p=float(dropout_p) if training else 0.0,
+                  seed=seed)
     mask = maybe_dropout_mask(x, dropout_p, training, seed, dtype=torch.promote_types(x.dtype, torch.float32))
-    return _registry.dispatch("lora_linear", x, weight, bias, lora_A, lora_B, scaling, mask)
+    return fn(x, weight, bias, lora_A, lora_B, scaling, mask)

@@ -1,0 +1,165 @@
+"""The "triton" backend of `fastadapters.ops.lora_linear`: autograd Function over two torch.library custom ops.
+
+    fastadapters::lora_linear_fwd(x2d, W, b?, A, B, scaling, dropout_p, seed?) -> (y, xa, seed_used)
+    fastadapters::lora_linear_bwd(dy2d, x2d, W, A, B, xa, seed_used, scaling, dropout_p, need_*) -> 5 grads
+
+The ops are opaque to torch.compile (their fake implementations give the shapes), so a LoRA layer compiles with
+fullgraph=True. The dropout mask is drawn inside the kernels from a Philox seed: when no seed is given the forward
+op draws one from torch's CPU generator at run time (so a compiled graph still gets a fresh mask every call) and
+returns it, and the backward op regenerates the same mask from it. Saved for backward: x (a view of the input),
+xa = dropout(x) A^T (M x r, fp32) and the seed.
+
+Importing this module does not import triton: the kernels (fastadapters.kernels.lora) load at the first call, so
+TRITON_INTERPRET can still be set before that (tests on CPU). The kernel runs CUDA tensors, and CPU tensors only
+under the interpreter when the backend is asked for explicitly ("triton"; "auto" keeps the reference on CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import torch
+
+from ..backend import get_backend
+from ._registry import register_kernel
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_RANK = 256
+_SEED_MOD = 2**63
+
+
+def _kernels() -> Any:
+    from ..kernels import lora
+
+    return lora
+
+
+def _interpreting() -> bool:
+    mod = sys.modules.get("fastadapters.kernels.lora")
+    if mod is not None:
+        return bool(mod.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("fastadapters::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                       seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (M, K) -> y: (M, N) in x's dtype, xa: (M, r) fp32, seed_used: () int64 on CPU."""
+    used = 0 if dropout_p == 0.0 else (_draw_seed() if seed is None else int(seed))
+    y, xa = _kernels().lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, used)
+    return y, xa, torch.tensor(used, dtype=torch.int64)
+
+
+@lora_linear_fwd_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    M = x.shape[0]
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastadapters::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
+                       need_dx: bool, need_dW: bool, need_db: bool, need_dA: bool,
+                       need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx (M, K), dW (N, K), db (N,), dA (r, K), dB (N, r)); an empty (0,) tensor for each not asked for."""
+    grads = _kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed.item()),
+                                       need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dW=need_dW,
+                                       need_db=need_db)
+    dx, dA, dB, dW, db = grads
+    return tuple(dy.new_empty((0,)) if g is None else g.contiguous() for g in (dx, dW, db, dA, dB))
+
+
+@lora_linear_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, need_dW, need_db, need_dA, need_dB):
+    def maybe(need: bool, like: torch.Tensor, shape) -> torch.Tensor:
+        return like.new_empty(shape) if need else dy.new_empty((0,))
+
+    N = weight.shape[0]
+    return (maybe(need_dx, x, x.shape), maybe(need_dW, weight, weight.shape), maybe(need_db, weight, (N,)),
+            maybe(need_dA, lora_A, lora_A.shape), maybe(need_dB, lora_B, lora_B.shape))
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+class LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s * dropout(x) A^T B^T on the Triton kernels; x: (..., K) -> y: (..., N)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int | None) -> torch.Tensor:
+        K, N = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, K)
+        y, xa, seed_used = torch.ops.fastadapters.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling,
+                                                                  dropout_p, seed)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed_used)
+        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
+        return y.reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, lora_A, lora_B, xa, seed_used = ctx.saved_tensors
+        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx, dW, db, dA, dB = torch.ops.fastadapters.lora_linear_bwd(
+            dy2, x2, weight, lora_A, lora_B, xa, seed_used, ctx.scaling, ctx.dropout_p,
+            need_dx, need_dW, need_db, need_dA, need_dB)
+        return (dx.reshape(ctx.x_shape) if need_dx else None, dW if need_dW else None, db if need_db else None,
+                dA if need_dA else None, dB if need_dB else None, None, None, None)
+
+
+def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                       lora_B: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None = None, *,
+                       dropout_p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """The registered "triton" kernel of lora_linear: y = x W^T + b + s * dropout(x) A^T B^T.
+
+    x: (..., K), any strides; weight: (N, K); bias: (N,) or None; lora_A: (r, K), 1 <= r <= 256; lora_B: (N, r).
+    The dropout mask (p = dropout_p, 0 for none) is drawn inside the kernels from `seed` (same seed, same mask;
+    None: a fresh seed per call). A precomputed `dropout_mask` is refused: the kernels never read a mask.
+    Returns (..., N) in x's dtype.
+    """
+    if dropout_mask is not None:
+        raise ValueError(_MASK_REFUSAL)
+    p = float(dropout_p)
+    s = None if seed is None else int(seed) % _SEED_MOD
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, s)
+
+
+# fastadapters.ops.lora_linear passes (dropout_p, seed) instead of a mask to kernels that carry this flag
+lora_linear_triton.generates_dropout_mask = True
+
+_MASK_REFUSAL = ("the triton kernel draws its dropout mask from a seed inside the kernel and does not read a "
+                 "precomputed dropout_mask; call fastadapters.ops.lora_linear(..., dropout_p=p, seed=...)")
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+             lora_B: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None = None,
+             **_: Any) -> str | None:
+    """None when the triton kernel can run these arguments, else why not."""
+    if dropout_mask is not None:
+        return _MASK_REFUSAL
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} is not supported (float16, bfloat16, float32); cast, or use the 'torch' backend"
+    r = lora_A.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        return f"rank r={r} is outside 1..{MAX_RANK}"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu" and _interpreting():
+        if get_backend() == "auto":
+            return "'auto' does not pick the Triton interpreter on CPU (ask for backend 'triton' explicitly)"
+        return None
+    return (f"x is on {x.device}: the triton kernels need a CUDA device (or TRITON_INTERPRET=1, set before "
+            "triton is imported, to run them on CPU in the interpreter)")
+
+
+if importlib.util.find_spec("triton") is not None:
+    register_kernel("lora_linear", "triton", lora_linear_triton, supports=supports)
