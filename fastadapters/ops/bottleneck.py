@@ -10,6 +10,7 @@ from . import _registry
 from ._utils import check_dropout, check_same, check_tensor, fmt_shape, maybe_dropout_mask
 
 _registry.register_reference("bottleneck_adapter", bottleneck_ref)
+from . import bottleneck_triton  # noqa: E402, F401  (registers the "triton" kernel; imports no triton until called)
 
 
 def bottleneck_adapter(
@@ -33,7 +34,9 @@ def bottleneck_adapter(
     learned scalar, gradient flows); residual: (..., d_out) in h's dtype, defaults to h (series adapter; needs
     d_out == d_in); parallel adapters pass the wrapped layer's output. Adapter weights may be in another float
     dtype than h (LLM-Adapters keeps them in fp32) but must share one dtype. Dropout (on the adapter input)
-    when dropout_p > 0 and training, seeded like lora_linear. Returns (..., d_out) in h's dtype.
+    when dropout_p > 0 and training, seeded like lora_linear. Returns (..., d_out) in h's dtype. A kernel flagged
+    `generates_dropout_mask` (the "triton" one) gets (dropout_p, seed) and draws its own mask (Philox: a different
+    mask than the reference's for one seed; fastadapters.ops.bottleneck_triton.bottleneck_dropout_mask shows it).
     """
     check_tensor("h", h, min_ndim=1)
     check_tensor("down_weight", down_weight, 2)
@@ -89,6 +92,9 @@ def bottleneck_adapter(
                device=False)
     check_dropout(dropout_p, training, seed)
 
+    args = (h, down_weight, up_weight, activation, scaling, residual, down_bias, up_bias)
+    _, fn = _registry.resolve("bottleneck_adapter", *args, None)
+    if getattr(fn, "generates_dropout_mask", False):  # draws the mask from a seed inside the kernel (Philox)
+        return fn(*args, None, dropout_p=float(dropout_p) if training else 0.0, seed=seed)
     mask = maybe_dropout_mask(h, dropout_p, training, seed, dtype=torch.promote_types(h.dtype, torch.float32))
-    return _registry.dispatch("bottleneck_adapter", h, down_weight, up_weight, activation, scaling, residual,
-                              down_bias, up_bias, mask)
+    return fn(*args, mask)
