@@ -11,6 +11,7 @@ from . import _registry
 from ._utils import check_same, check_tensor, fmt_shape
 
 _registry.register_reference("prefix_attention", prefix_attention_ref)
+from . import prefix_attention_triton  # noqa: E402, F401  (registers the "triton" kernel; imports no triton until called)
 
 
 def prefix_attention(
