@@ -90,8 +90,8 @@ def test_report_check_fails_on_each_problem(report, problem):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FASTADAPTERS_FULL_SM90", "0") in ("", "0"),
-                    reason="about 180 compiles (minutes): set FASTADAPTERS_FULL_SM90=1 to run")
+@pytest.mark.skipif(os.environ.get("FASTADAPTERS_SM90_FULL", "0") in ("", "0"),
+                    reason="about 180 compiles (minutes): set FASTADAPTERS_SM90_FULL=1 to run")
 def test_full_space_compiles_for_sm90():
     """Every dtype (fp16 too), R_PAD 16..256 and r = 5, every use of each kernel (about 180 compiles)."""
     problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_sm90_many(_specs(K.sm90_dispatch_space(True)))
