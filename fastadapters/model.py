@@ -155,6 +155,21 @@ class AdapterModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         return method.generate(self, *args, **kwargs)
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute activations in backward. Works on transformers 5.17 and on 5.24 (which renamed the API to
+        activation_checkpointing_enable); the inputs get requires_grad so reentrant checkpointing reaches the adapters."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
     def get_base_model(self) -> nn.Module:
         return self.base_model
 

@@ -414,7 +414,7 @@ def test_gradient_checkpointing_same_grads(use_reentrant):
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         am = fa.get_adapter_model(tiny_model("llama"), cfg(init_lora_weights=False))
         if checkpointing:
-            am.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            am.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         am.train()
         am(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
         return {n: p.grad for n, p in am.named_parameters() if p.requires_grad}
