@@ -53,7 +53,7 @@ Napkin math (M = 16384, d_in = d_out = 4096, b = 256, bf16; e = 2 bytes)
 
 Dropout on the adapter input: keep(m, k) from Philox4x32-10 keyed by the seed, counter m * ceil(d_in/8) + k // 8,
 one 16-bit lane of the four 32-bit outputs per element (8 decisions per Philox call), keep iff u16 >= round(p 2^16),
-rescale 1 / (1 - p_eff). The same scheme as the LoRA kernels (kernels/lora.py), so the same seed and shape give
+rescale 1 / (1 - p_eff). The same helper as the LoRA kernels (kernels/_common.py), so the same seed and shape give
 the same mask in both ops. The mask is regenerated from the seed wherever it is needed (forward phase 1, dx phase 2,
 dW_d) and never stored; `bottleneck_dropout_mask` materialises it for tests. Kept values stay exact in the dot
 dtype: the 1/(1-p) rescale is applied to the fp32 accumulators, not to h.
@@ -76,47 +76,11 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # kernels run on CPU tensors
+from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
+from ._common import dropout_keep as _dropout_keep
 
-PHILOX_ROUNDS = tl.constexpr(10)
-DROPOUT_BITS = 16  # bits per keep decision: 8 decisions per Philox call
 MAX_BOTTLENECK = 1024
 ACTIVATIONS = ("tanh", "relu", "gelu", "gelu_tanh", "silu", "sigmoid")
-
-
-def _fix_interpreter_bf16() -> None:
-    """Triton 3.6's interpreter holds bf16 as raw uint16: tl.dot multiplies the bit patterns and fp32 -> bf16
-    casts truncate. Make both exact (bf16 operands widened to fp32, round-to-nearest-even casts). Interpreter
-    only; the same patch, under the same guard, as kernels/lora.py, so whichever module loads first applies it."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastadapters_bf16_fix", False):
-        return
-
-    def widen(h):
-        if h.dtype == tl.bfloat16:
-            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interp.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl = create_dot, cast_impl
-    builder._fastadapters_bf16_fix = True
-
-
-if INTERPRETED:
-    _fix_interpreter_bf16()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -166,43 +130,6 @@ def _act_grad(z, ACTIVATION: tl.constexpr):
         sg = tl.sigmoid(z)
         da = sg * (1.0 - sg)
     return da
-
-
-@triton.jit
-def _dropout_keep(seed, o_m, k0, KX, drop_thr, BLOCK_K: tl.constexpr):
-    """Keep mask (len(o_m), BLOCK_K) for h[o_m, k0:k0+BLOCK_K]; k0 % 8 == 0, BLOCK_K % 8 == 0.
-
-    Element (m, k) uses the 16-bit lane (k % 8) of Philox(seed, counter = m * ceil(KX / 8) + k // 8).
-    """
-    G: tl.constexpr = BLOCK_K // 8
-    BM: tl.constexpr = o_m.shape[0]
-    n_groups = (KX + 7) // 8
-    o_c = o_m.to(tl.int64)[:, None] * n_groups + (k0 // 8 + tl.arange(0, G)).to(tl.int64)[None, :]
-    b_r0, b_r1, b_r2, b_r3 = tl.randint4x(seed, o_c, PHILOX_ROUNDS)
-    b_01 = tl.join(b_r0 & 0xFFFF, b_r0 >> 16)
-    b_23 = tl.join(b_r1 & 0xFFFF, b_r1 >> 16)
-    b_45 = tl.join(b_r2 & 0xFFFF, b_r2 >> 16)
-    b_67 = tl.join(b_r3 & 0xFFFF, b_r3 >> 16)
-    b_u = tl.join(tl.join(b_01, b_23), tl.join(b_45, b_67))  # (BM, G, 2, 2, 2): lane k % 8 in binary order
-    b_u = tl.reshape(b_u, (BM, BLOCK_K))
-    return b_u.to(tl.int32, bitcast=True) >= drop_thr
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _bottleneck_dropout_mask_kernel(
-    p_out,  # (M, K) fp32 out: keep / (1 - p_eff)
-    M, K, seed, drop_thr, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Materialise the kernels' dropout mask (tests only: the real kernels never write it)."""
-    i_m = tl.program_id(0).to(tl.int64)
-    i_k = tl.program_id(1).to(tl.int64)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    b_keep = _dropout_keep(seed, o_m, i_k * BLOCK_K, K, drop_thr, BLOCK_K)
-    b_mask = tl.where(b_keep, drop_scale, 0.0)
-    m_out = (o_m < M)[:, None] & (o_k < K)[None, :]
-    tl.store(p_out + o_m[:, None] * K + o_k[None, :], b_mask, mask=m_out)
 
 
 @triton.jit
@@ -687,15 +614,6 @@ def wgrad_configs(B: int, dot_dtype: torch.dtype, aligned: bool = True) -> list[
     return out
 
 
-def dropout_threshold(p: float) -> tuple[int, float]:
-    """(threshold, rescale): keep iff a 16-bit uniform >= threshold; rescale = 1/(1 - threshold/2^16)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p={p!r} is outside [0, 1)")
-    full = 1 << DROPOUT_BITS
-    thr = min(int(round(p * full)), full - 1)
-    return thr, full / (full - thr)
-
-
 def dot_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
     """The tl.dot operand dtype: the shared 16-bit dtype of h and the weights, else float32."""
     if h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16):
@@ -775,37 +693,16 @@ def _pick(kind: str, key: tuple, device: torch.device, candidates: list, launch)
 
 
 # -- launch recording (the sm_90 AOT test compiles exactly what the launchers launch)
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch as the launchers would make it (see `record_launches`)."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    kwargs: dict
-    num_warps: int
-    num_stages: int
-
-
-_records: list[Launch] | None = None
+_recorder = LaunchRecorder()
+_launch = _recorder.launch
 
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[Launch]]:
     """Record the launches instead of running them: run the launchers on "meta" tensors inside the block to list
     every (kernel, arguments, config) a call dispatches to (tests/test_sm90_bottleneck.py)."""
-    global _records
-    old, _records = _records, []
-    try:
-        yield _records
-    finally:
-        _records = old
-
-
-def _launch(kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-    if _records is not None:
-        _records.append(Launch(kernel, grid, kwargs, num_warps, num_stages))
-        return
-    kernel[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
+    with _recorder.record() as records:
+        yield records
 
 
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -1056,17 +953,9 @@ def bottleneck_dropout_mask(shape: tuple[int, int], p: float, seed: int,
     Returns (M, d_in) fp32 holding keep / (1 - p_eff): pass it as the reference's dropout_mask to run the
     reference with exactly the kernels' mask. p = 0 gives ones.
     """
-    M, K = shape
     if p == 0:
-        return torch.ones((M, K), device=device, dtype=torch.float32)
-    out = torch.empty((M, K), device=device, dtype=torch.float32)
-    if M == 0 or K == 0:
-        return out
-    thr, rescale = dropout_threshold(p)
-    BM, BK = 16, 32
-    _launch(_bottleneck_dropout_mask_kernel, (triton.cdiv(M, BM), triton.cdiv(K, BK)),
-            dict(p_out=out, M=M, K=K, seed=int(seed), drop_thr=thr, drop_scale=rescale, BLOCK_M=BM, BLOCK_K=BK), 4, 1)
-    return out
+        return torch.ones(shape, device=device, dtype=torch.float32)
+    return launch_dropout_mask(_launch, shape, p, seed, device)
 
 
 # ------------------------------------------------------------------------------------------------ AOT space

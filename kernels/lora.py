@@ -20,8 +20,8 @@ Backward (derivation above `_lora_shrink_kernel`), four launches plus cuBLAS for
   (the same GEMM kernel: W as the (K_red=N, N_out=K) operand, A as the rank-r operand, mask on the rank-r
   term only), dA = dxa^T (x * keep/(1-p)) (shrink over M, split, mask regenerated from the seed).
 
-Dropout: keep(m, k) from Philox4x32-10 (`_philox`, the bits of tl.randint4x) keyed by the seed, counter
-m * ceil(K/8) + k // 8.
+Dropout (kernels/_common.py): keep(m, k) from Philox4x32-10 (the bits of tl.randint4x) keyed by the seed,
+counter m * ceil(K/8) + k // 8.
 One Philox call gives 4 x 32 random bits = 8 keep decisions of 16 bits each: keep iff u16 >= round(p * 2^16).
 So the effective p is quantised to 2^-16 (|p_eff - p| <= 2^-17) and the rescale is 1 / (1 - p_eff), exactly
 unbiased. Every kernel derives the mask of an (m, k) element the same way whatever its tile shape (tiles start
@@ -72,10 +72,10 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # kernels run on CPU tensors
+from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
+from ._common import dot_precision as _dot_precision
+from ._common import dropout_keep as _dropout_keep
 
-PHILOX_ROUNDS = tl.constexpr(10)
-DROPOUT_BITS = 16  # bits per keep decision: 8 decisions per Philox call
 MAX_RANK = 256
 SM90_MAX_SHARED = 232448  # 227 KiB: the opt-in shared memory per block on sm_90
 
@@ -83,101 +83,6 @@ SM90_MAX_SHARED = 232448  # 227 KiB: the opt-in shared memory per block on sm_90
 # at or above it one fused Triton GEMM does everything. A guess to be tuned on the GPU with
 # benchmarks/bench_lora.py (FASTADAPTERS_LORA_GEMM=fused|cublas forces either path for the comparison).
 FUSED_GEMM_MIN_M = 2048
-
-
-def _fix_interpreter_bf16() -> None:
-    """Triton 3.6's interpreter holds bf16 as raw uint16: tl.dot multiplies the bit patterns and fp32 -> bf16
-    casts truncate. Make both exact (bf16 operands widened to fp32, round-to-nearest-even casts) so the CPU tests
-    check the kernels' arithmetic, not the interpreter's. Interpreter mode only; idempotent."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastadapters_bf16_fix", False):
-        return
-
-    def widen(h):
-        if h.dtype == tl.bfloat16:
-            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interp.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl = create_dot, cast_impl
-    builder._fastadapters_bf16_fix = True
-
-
-if INTERPRETED:
-    _fix_interpreter_bf16()
-
-
-# ------------------------------------------------------------------------------------------------ dropout
-@triton.jit
-def _philox(seed, c0, c1):
-    """Philox4x32 (Salmon et al., SC'11) of the counter (c0, c1, 0, 0) under the 64-bit key `seed`: four uint32
-    blocks, the same bits as tl.randint4x. Written out here (not tl.randint4x) so that the kernels only call
-    builtins and their own jit functions: they then also run in the interpreter when triton was imported before
-    TRITON_INTERPRET was set (the library's own jit helpers would not be interpreted)."""
-    seed = seed.to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = c0 * 0
-    c3 = c0 * 0
-    for _ in tl.static_range(PHILOX_ROUNDS):
-        prev0, prev2 = c0, c2
-        c0 = tl.umulhi(0xCD9E8D57, prev2) ^ c1 ^ k0
-        c2 = tl.umulhi(0xD2511F53, prev0) ^ c3 ^ k1
-        c1 = tl.mul(prev2, 0xCD9E8D57, sanitize_overflow=False)
-        c3 = tl.mul(prev0, 0xD2511F53, sanitize_overflow=False)
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _dropout_keep(seed, o_m, k0, KX, drop_thr, BLOCK_K: tl.constexpr):
-    """Keep mask (len(o_m), BLOCK_K) for x[o_m, k0:k0+BLOCK_K]; k0 % 8 == 0, BLOCK_K % 8 == 0.
-
-    Element (m, k) uses the 16-bit lane (k % 8) of Philox(seed, counter = m * ceil(KX / 8) + k // 8).
-    """
-    G: tl.constexpr = BLOCK_K // 8
-    BM: tl.constexpr = o_m.shape[0]
-    n_groups = (KX + 7) // 8
-    o_c = o_m.to(tl.int64)[:, None] * n_groups + (k0 // 8 + tl.arange(0, G)).to(tl.int64)[None, :]
-    b_r0, b_r1, b_r2, b_r3 = _philox(seed, o_c.to(tl.uint32), (o_c >> 32).to(tl.uint32))
-    b_01 = tl.join(b_r0 & 0xFFFF, b_r0 >> 16)
-    b_23 = tl.join(b_r1 & 0xFFFF, b_r1 >> 16)
-    b_45 = tl.join(b_r2 & 0xFFFF, b_r2 >> 16)
-    b_67 = tl.join(b_r3 & 0xFFFF, b_r3 >> 16)
-    b_u = tl.join(tl.join(b_01, b_23), tl.join(b_45, b_67))  # (BM, G, 2, 2, 2)
-    b_u = tl.reshape(b_u, (BM, BLOCK_K))
-    return b_u.to(tl.int32, bitcast=True) >= drop_thr
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(
-    p_out,  # (M, K) fp32: keep / (1 - p_eff)
-    M, K, seed, drop_thr, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Materialise the kernels' dropout mask (tests only: the real kernels never write it)."""
-    i_m = tl.program_id(0).to(tl.int64)
-    i_k = tl.program_id(1).to(tl.int64)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    b_keep = _dropout_keep(seed, o_m, i_k * BLOCK_K, K, drop_thr, BLOCK_K)
-    b_mask = tl.where(b_keep, drop_scale, 0.0)
-    m_out = (o_m < M)[:, None] & (o_k < K)[None, :]
-    tl.store(p_out + o_m[:, None] * K + o_k[None, :], b_mask, mask=m_out)
 
 
 # ------------------------------------------------------------------------------------------------ shrink
@@ -405,21 +310,6 @@ def rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def dropout_threshold(p: float) -> tuple[int, float]:
-    """(threshold, rescale): keep iff a 16-bit uniform >= threshold; rescale = 1/(1 - threshold/2^16)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout p={p!r} is outside [0, 1)")
-    full = 1 << DROPOUT_BITS
-    thr = min(int(round(p * full)), full - 1)
-    return thr, full / (full - thr)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 # -- launch state: config overrides (tests pass fixed configs; never autotune inside a test) and recording
 @dataclass(frozen=True)
 class _Overrides:
@@ -430,19 +320,9 @@ class _Overrides:
     split: int | None = None
 
 
-@dataclass
-class Launch:
-    """One kernel launch as the launchers would make it (see `record_launches`)."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    kwargs: dict
-    num_warps: int
-    num_stages: int
-
-
 _overrides = _Overrides()
-_records: list[Launch] | None = None
+_recorder = LaunchRecorder()
+_launch = _recorder.launch
 _GPU_SMS = 132  # the SM count assumed while recording for a GPU target (H100/H200 SXM)
 
 
@@ -472,24 +352,12 @@ def use_configs(*, gemm: GemmConfig | None = None, shrink: ShrinkConfig | None =
 def record_launches() -> Iterator[list[Launch]]:
     """Record the launches instead of running them, choosing configs as on a GPU: run the launchers on "meta"
     tensors inside the block to list every (kernel, arguments, config) a call dispatches to (the sm_90 test)."""
-    global _records
-    old = _records
-    _records = []
-    try:
-        yield _records
-    finally:
-        _records = old
+    with _recorder.record() as records:
+        yield records
 
 
 def _gpu_configs(device: torch.device) -> bool:
-    return _records is not None or (device.type == "cuda" and not INTERPRETED)
-
-
-def _launch(kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-    if _records is not None:
-        _records.append(Launch(kernel, grid, kwargs, num_warps, num_stages))
-        return
-    kernel[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
+    return _recorder.recording or (device.type == "cuda" and not INTERPRETED)
 
 
 def base_gemm_choice(M: int) -> str:
@@ -505,7 +373,7 @@ def base_gemm_choice(M: int) -> str:
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and _records is None:
+    if device.type == "cuda" and not _recorder.recording:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _GPU_SMS if _gpu_configs(device) else 4
 
@@ -531,7 +399,7 @@ def _pick_gemm(key: tuple, device: torch.device, dtype: torch.dtype, dropout: bo
         return _overrides.gemm
     if not _gpu_configs(device):
         return INTERPRETER_GEMM
-    if _records is not None:
+    if _recorder.recording:
         return gemm_configs(dtype, dropout=dropout)[0]
     cfg = _tuned.get(key)
     if cfg is not None:
@@ -725,15 +593,7 @@ def lora_dropout_mask(shape: tuple[int, int], p: float, seed: int, device: torch
     Returns (M, K) fp32 holding keep / (1 - p_eff): pass it as the reference's dropout_mask to run the reference
     with exactly the kernels' mask. p = 0 gives ones.
     """
-    M, K = shape
-    out = torch.empty((M, K), device=device, dtype=torch.float32)
-    if M == 0 or K == 0:
-        return out
-    thr, rescale = dropout_threshold(p)
-    BM, BK = 16, 32
-    kwargs = dict(p_out=out, M=M, K=K, seed=int(seed), drop_thr=thr, drop_scale=rescale, BLOCK_M=BM, BLOCK_K=BK)
-    _launch(_dropout_mask_kernel, (triton.cdiv(M, BM), triton.cdiv(K, BK)), kwargs, 4, 1)
-    return out
+    return launch_dropout_mask(_launch, shape, p, seed, device)
 
 
 # ------------------------------------------------------------------------------------------------ sm_90 space

@@ -39,28 +39,20 @@ adapter weights are cast to x's dtype for the shrink dot. fp32 uses "ieee" unles
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = bool(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # kernels run on CPU tensors
+from ._common import INTERPRETED, Launch  # importing it applies the interpreter's bf16 fix under TRITON_INTERPRET
+from ._common import dot_precision as _dot_precision
+
 MAX_RANK = 256
 MAX_ADAPTERS = 1024  # the in-kernel segment search loads next_pow2(n + 1) offsets
 DECODE_MAX_M = 256  # up to this many tokens: 16-row tiles and a split shrink
-
-if INTERPRETED:  # exact bf16 dots and casts in the interpreter (the fix lives with the LoRA kernels)
-    try:
-        from .lora import _fix_interpreter_bf16
-
-        _fix_interpreter_bf16()
-    except ImportError:  # pragma: no cover - the LoRA kernels are part of the package
-        pass
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -240,12 +232,6 @@ def split_for(M: int, n: int, K: int, cfg: MultiLoraConfig, device: torch.device
     return max(1, min(want, triton.cdiv(K, 4 * cfg.block_k), 16))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 @dataclass(frozen=True)
 class Grouping:
     """Tokens grouped by adapter (device tensors, computed without a host sync)."""
@@ -292,20 +278,6 @@ def group_tokens(idx: torch.Tensor, n: int, block_m: int) -> Grouping:
         i = id(root)
         _groupings[i] = (weakref.ref(root, lambda _, i=i: _groupings.pop(i, None)), key, g)
     return g
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: the kernel, its grid, its keyword arguments (named as the kernel's parameters)."""
-
-    kernel: Any
-    grid: tuple[int, ...]
-    kwargs: dict
-    num_warps: int
-    num_stages: int
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](**self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def plan(x: torch.Tensor, lora_A_stack: torch.Tensor, lora_B_stack: torch.Tensor, scalings: torch.Tensor,

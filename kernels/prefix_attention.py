@@ -55,14 +55,13 @@ attention does). fp32 inputs use input_precision "ieee" unless torch allows TF32
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # kernels run on CPU tensors
+from ._common import INTERPRETED, dot_precision  # noqa: F401 (INTERPRETED: tests read it here)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' copies
@@ -70,41 +69,6 @@ _LN2 = tl.constexpr(0.6931471805599453)
 DECODE_MAX_LQ = 16  # q_len up to this takes the split-K decode path
 MAX_HEAD_DIM = 256
 MAX_DECODE_SPLITS = 128  # a power of two (the combine kernel's S_PAD)
-
-
-def _fix_interpreter_bf16() -> None:
-    """Triton 3.6's interpreter stores bf16 as raw uint16 words: tl.dot multiplies the bit patterns and fp32 -> bf16
-    casts truncate. Widen bf16 dot operands to fp32 and round casts to nearest-even so the CPU tests check the
-    kernels, not the interpreter. Interpreter only; idempotent (shares the flag with kernels/lora.py's fix)."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastadapters_bf16_fix", False):
-        return
-
-    def as_f32(h):
-        if h.dtype.scalar == tl.bfloat16:
-            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    dot, cast = builder.create_dot, builder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return dot(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interp.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl = create_dot, cast_impl
-    builder._fastadapters_bf16_fix = True
-
-
-if INTERPRETED:
-    _fix_interpreter_bf16()
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -194,13 +158,6 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small "GPU" so the tests exercise several splits at small shapes
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input_precision: exact fp32 unless torch itself allows TF32 matmuls (ignored for fp16/bf16)."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
 
 
 # ------------------------------------------------------------------------------------------------ forward

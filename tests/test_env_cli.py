@@ -91,7 +91,7 @@ def test_delegated_command_gets_every_argument(monkeypatch):
     fake = types.ModuleType("fake_train")
     fake.main = lambda argv: seen.append(argv) or 7
     monkeypatch.setitem(sys.modules, "fake_train", fake)
-    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, cli.delegate("train", "fake_train", "fine-tune")])
+    monkeypatch.setattr(cli, "COMMANDS", [cli.add_demo, cli.delegate("train", "fake_train", "fine-tune")])
     assert cli.main(["train", "--help"]) == 7
     assert cli.main(["train", "--base_model", "m", "-x", "pos"]) == 7
     assert seen == [["--help"], ["--base_model", "m", "-x", "pos"]]
@@ -105,31 +105,21 @@ def test_cli_rejects_unknown_command():
     assert e.value.code == 2
 
 
-def test_demo_fast_trains_saves_reloads_and_merges(tmp_path, capsys):
-    out, report = tmp_path / "demo", tmp_path / "demo.json"
-    threads = torch.get_num_threads()
-    assert cli.main(["demo", "--fast", "--out", str(out), "--no-progress", "--json", str(report)]) == 0
-    assert torch.get_num_threads() == threads, "the demo must restore torch's thread count"
+def test_demo_command_runs_the_pipeline_in_fast_mode(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--fast", "--out", str(out), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    r = json.loads(report.read_text())
-
-    assert r["steps"] == 12
-    assert r["last_loss"] < 0.5 * r["first_loss"], r
-    assert r["accuracy_after"] >= 0.9 > r["accuracy_before"], r
-    # r=8 on q,k,v,o,gate,up,down of 2 layers (hidden 64, 2 kv heads of 16, intermediate 128)
-    assert r["trainable_params"] == 2 * 8 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 2 + (128 + 64))
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert r["reload_max_diff"] < 1e-5, r
-    assert r["merge_max_diff"] < 1e-3, r
-    for phrase in ("trainable params: 16,384", "loss: first", "saved the adapter to", "reloaded onto",
-                   "merged into the base weights"):
-        assert phrase in text
+    assert "none (base model)" in text and "lora adapter saved to" in text
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["rows"] and os.path.isdir(out)
 
 
-def test_demo_rejects_zero_steps(tmp_path):
-    with pytest.raises(SystemExit, match="at least 1 training step"):
-        cli.main(["demo", "--steps", "0", "--out", str(tmp_path)])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_delegate_their_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "--base_model" in capsys.readouterr().out
 
 
 def test_fresh_machine_scripts_are_wired():

@@ -22,35 +22,22 @@ on CPU).
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 from typing import Any
 
 import torch
 
-from ..backend import get_backend
 from ._registry import register_kernel
+from ._triton_common import SEED_MOD as _SEED_MOD
+from ._triton_common import SUPPORTED_DTYPES, device_refusal, mask_refusal
+from ._triton_common import draw_seed as _draw_seed
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BOTTLENECK = 1024
-_SEED_MOD = 2**63
 
 
 def _kernels() -> Any:
     from ..kernels import bottleneck
 
     return bottleneck
-
-
-def _interpreting() -> bool:
-    mod = sys.modules.get("fastadapters.kernels.bottleneck")
-    if mod is not None:
-        return bool(mod.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
 
 
 def _dot_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
@@ -188,8 +175,7 @@ def bottleneck_triton(
 # fastadapters.ops.bottleneck_adapter passes (dropout_p, seed) instead of a mask to kernels that carry this flag
 bottleneck_triton.generates_dropout_mask = True
 
-_MASK_REFUSAL = ("the triton kernel draws its dropout mask from a seed inside the kernel and does not read a "
-                 "precomputed dropout_mask; call fastadapters.ops.bottleneck_adapter(..., dropout_p=p, seed=...)")
+_MASK_REFUSAL = mask_refusal("fastadapters.ops.bottleneck_adapter")
 
 
 def supports(h: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor, activation: str,
@@ -207,14 +193,7 @@ def supports(h: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor
     nb = down_weight.shape[0]
     if not 1 <= nb <= MAX_BOTTLENECK:
         return f"bottleneck size b={nb} is outside 1..{MAX_BOTTLENECK}"
-    if h.device.type == "cuda":
-        return None
-    if h.device.type == "cpu" and _interpreting():
-        if get_backend() == "auto":
-            return "'auto' does not pick the Triton interpreter on CPU (ask for backend 'triton' explicitly)"
-        return None
-    return (f"h is on {h.device}: the triton kernels need a CUDA device (or TRITON_INTERPRET=1, set before "
-            "triton is imported, to run them on CPU in the interpreter)")
+    return device_refusal(h, "h", "fastadapters.kernels.bottleneck")
 
 
 def bottleneck_dropout_mask(shape: tuple[int, ...], p: float, seed: int,

@@ -17,35 +17,22 @@ under the interpreter when the backend is asked for explicitly ("triton"; "auto"
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 from typing import Any
 
 import torch
 
-from ..backend import get_backend
 from ._registry import register_kernel
+from ._triton_common import SEED_MOD as _SEED_MOD
+from ._triton_common import SUPPORTED_DTYPES, device_refusal, mask_refusal
+from ._triton_common import draw_seed as _draw_seed
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_RANK = 256
-_SEED_MOD = 2**63
 
 
 def _kernels() -> Any:
     from ..kernels import lora
 
     return lora
-
-
-def _interpreting() -> bool:
-    mod = sys.modules.get("fastadapters.kernels.lora")
-    if mod is not None:
-        return bool(mod.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -136,8 +123,7 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 # fastadapters.ops.lora_linear passes (dropout_p, seed) instead of a mask to kernels that carry this flag
 lora_linear_triton.generates_dropout_mask = True
 
-_MASK_REFUSAL = ("the triton kernel draws its dropout mask from a seed inside the kernel and does not read a "
-                 "precomputed dropout_mask; call fastadapters.ops.lora_linear(..., dropout_p=p, seed=...)")
+_MASK_REFUSAL = mask_refusal("fastadapters.ops.lora_linear")
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -151,14 +137,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     r = lora_A.shape[0]
     if not 1 <= r <= MAX_RANK:
         return f"rank r={r} is outside 1..{MAX_RANK}"
-    if x.device.type == "cuda":
-        return None
-    if x.device.type == "cpu" and _interpreting():
-        if get_backend() == "auto":
-            return "'auto' does not pick the Triton interpreter on CPU (ask for backend 'triton' explicitly)"
-        return None
-    return (f"x is on {x.device}: the triton kernels need a CUDA device (or TRITON_INTERPRET=1, set before "
-            "triton is imported, to run them on CPU in the interpreter)")
+    return device_refusal(x, "x", "fastadapters.kernels.lora")
 
 
 if importlib.util.find_spec("triton") is not None:

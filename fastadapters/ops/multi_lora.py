@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 
 import torch
@@ -30,24 +29,21 @@ import torch
 from ..backend import get_backend
 from ..kernels.multi_lora_ref import multi_lora_ref
 from . import _registry
+from ._triton_common import SUPPORTED_DTYPES as KERNEL_DTYPES
+from ._triton_common import interpreting
 from ._utils import check_tensor, fmt_shape
 
 OP = "multi_lora_delta"
 CUDA_MAX_TOKENS = 256  # above this, "auto" sends CUDA tensors to the grouped Triton kernels (prefill)
 TRITON_MAX_RANK = 256
 TRITON_MAX_ADAPTERS = 1024
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _registry.register_reference(OP, multi_lora_ref)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _interpreter_refusal() -> str | None:
     """Why CPU tensors cannot run the Triton kernels here, or None (TRITON_INTERPRET set before triton's import)."""
-    if not _interpreting():
+    if not interpreting():
         return "x is on the CPU (the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 and backend 'triton')"
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction

@@ -20,16 +20,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
-import sys
 from typing import Any
 
 import torch
 
-from ..backend import get_backend
 from ._registry import register_kernel
+from ._triton_common import SUPPORTED_DTYPES, device_refusal
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # kernels.prefix_attention.MAX_HEAD_DIM (not imported here: that would import triton)
 
 
@@ -42,13 +39,6 @@ def _kernels() -> Any:
 def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on t's GPU (Triton launches on the current device), nothing on CPU."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _interpreting() -> bool:
-    mod = sys.modules.get("fastadapters.kernels.prefix_attention")
-    if mod is not None:
-        return bool(mod.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @torch.library.custom_op("fastadapters::prefix_attention_fwd", mutates_args=())
@@ -159,14 +149,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.
     D = q.shape[-1]
     if D > MAX_HEAD_DIM:
         return f"head_dim {D} is above {MAX_HEAD_DIM}"
-    if q.device.type == "cuda":
-        return None
-    if q.device.type == "cpu" and _interpreting():
-        if get_backend() == "auto":
-            return "'auto' does not pick the Triton interpreter on CPU (ask for backend 'triton' explicitly)"
-        return None
-    return (f"q is on {q.device}: the triton kernels need a CUDA device (or TRITON_INTERPRET=1, set before triton "
-            "is imported, to run them on CPU in the interpreter)")
+    return device_refusal(q, "q", "fastadapters.kernels.prefix_attention")
 
 
 def register() -> None:

