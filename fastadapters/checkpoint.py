@@ -48,15 +48,18 @@ def load_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} cannot be read ({e}): the file is truncated or corrupt; save the adapter again") from e
+            raise ValueError(
+                f"{path} cannot be read ({e}): the file is truncated or corrupt; save the adapter again"
+            ) from e
     legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the user
             raise ValueError(f"{legacy} cannot be read ({e}): the file is truncated or corrupt") from e
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)}: "
-                            "is this an adapter checkpoint folder?")
+    raise FileNotFoundError(
+        f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {os.fspath(directory)}: is this an adapter checkpoint folder?"
+    )
 
 
 def strip_adapter_name(key: str, name: str) -> str:

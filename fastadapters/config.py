@@ -22,7 +22,9 @@ def _normalize_targets(targets: Any) -> list[str] | str | None:
         return targets
     targets = list(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules={targets!r} must be a non-empty list of module names, a regex string, or None")
+        raise ValueError(
+            f"target_modules={targets!r} must be a non-empty list of module names, a regex string, or None"
+        )
     return targets
 
 
@@ -54,10 +56,15 @@ class AdapterConfig:
             )
         names = {f.name for f in dataclasses.fields(target)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        unsupported = {k: v for k, v in d.items() if k not in names and k in target.unsupported_fields
-                       and v not in target.unsupported_fields[k]}
+        unsupported = {
+            k: v
+            for k, v in d.items()
+            if k not in names and k in target.unsupported_fields and v not in target.unsupported_fields[k]
+        }
         if unsupported:
-            raise ValueError(f"this {peft_type} checkpoint uses features fastadapters does not implement: {unsupported}")
+            raise ValueError(
+                f"this {peft_type} checkpoint uses features fastadapters does not implement: {unsupported}"
+            )
         return target(**kwargs)
 
     unsupported_fields: ClassVar[dict[str, tuple]] = {}
@@ -87,12 +94,25 @@ class LoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     unsupported_fields: ClassVar[dict[str, tuple]] = {
-        "use_dora": (False, None), "lora_bias": (False, None), "layers_to_transform": (None,),
-        "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "modules_to_save": (None, []),
-        "exclude_modules": (None,), "layers_pattern": (None,), "layer_replication": (None,),
-        "target_parameters": (None,), "trainable_token_indices": (None,), "use_qalora": (False,),
-        "alora_invocation_tokens": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
-        "megatron_config": (None,), "kasa_config": (None,), "monteclora_config": (None,), "velora_config": (None,),
+        "use_dora": (False, None),
+        "lora_bias": (False, None),
+        "layers_to_transform": (None,),
+        "rank_pattern": ({}, None),
+        "alpha_pattern": ({}, None),
+        "modules_to_save": (None, []),
+        "exclude_modules": (None,),
+        "layers_pattern": (None,),
+        "layer_replication": (None,),
+        "target_parameters": (None,),
+        "trainable_token_indices": (None,),
+        "use_qalora": (False,),
+        "alora_invocation_tokens": (None,),
+        "arrow_config": (None,),
+        "use_bdlora": (None, False),
+        "megatron_config": (None,),
+        "kasa_config": (None,),
+        "monteclora_config": (None,),
+        "velora_config": (None,),
     }
 
     r: int = 8
@@ -135,7 +155,9 @@ class BottleneckConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
-            raise ValueError(f"bottleneck_size={self.bottleneck_size!r} must be a positive integer (LLM-Adapters uses 256)")
+            raise ValueError(
+                f"bottleneck_size={self.bottleneck_size!r} must be a positive integer (LLM-Adapters uses 256)"
+            )
         if self.non_linearity not in ACTIVATIONS:
             raise ValueError(f"unknown non_linearity={self.non_linearity!r}: choose one of {ACTIVATIONS}")
         _check_dropout("adapter_dropout", self.adapter_dropout)

@@ -16,8 +16,23 @@ from .tuners import METHODS
 from .tuners.base import AdapterMethod
 
 # Names that appear as components of parameter paths: an adapter named like one would be ambiguous in checkpoints.
-RESERVED_NAMES = frozenset({"weight", "bias", "base_layer", "lora_A", "lora_B", "lora_dropout", "adapter_down",
-                            "adapter_up", "adapter_scaling", "embedding", "transform", "model", "base_model"})
+RESERVED_NAMES = frozenset(
+    {
+        "weight",
+        "bias",
+        "base_layer",
+        "lora_A",
+        "lora_B",
+        "lora_dropout",
+        "adapter_down",
+        "adapter_up",
+        "adapter_scaling",
+        "embedding",
+        "transform",
+        "model",
+        "base_model",
+    }
+)
 
 
 class AdapterModel(nn.Module):
@@ -71,11 +86,15 @@ class AdapterModel(nn.Module):
         if adapter_name in RESERVED_NAMES:
             raise ValueError(f"adapter name {adapter_name!r} is also a parameter path component; pick another name")
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter it")
+            raise ValueError(
+                f"an adapter named {adapter_name!r} exists already; pick another name or delete_adapter it"
+            )
         kinds = {c.peft_type for c in self.peft_config.values()}
         if kinds and config.peft_type not in kinds:
-            raise ValueError(f"this model holds {sorted(kinds)} adapters; adding a {config.peft_type} adapter is not "
-                             "supported: wrap a fresh base model for another adapter type")
+            raise ValueError(
+                f"this model holds {sorted(kinds)} adapters; adding a {config.peft_type} adapter is not "
+                "supported: wrap a fresh base model for another adapter type"
+            )
         if config.peft_type not in METHODS:
             raise ValueError(f"no implementation for peft_type={config.peft_type!r}; known: {sorted(METHODS)}")
         method = self._methods.setdefault(config.peft_type, METHODS[config.peft_type]())
@@ -139,8 +158,10 @@ class AdapterModel(nn.Module):
             return self._method(self.active_adapters[0]) if self.active_adapters else None
         method = self._method(self.active_adapters[0] if self.active_adapters else next(iter(self.peft_config), ""))
         if not getattr(method, "supports_mixed_batch", False):
-            raise ValueError(f"adapter_names (one adapter per sequence) works with LoRA adapters; this model holds "
-                             f"{method.peft_type} adapters: call set_adapter(name) and run one adapter at a time")
+            raise ValueError(
+                f"adapter_names (one adapter per sequence) works with LoRA adapters; this model holds "
+                f"{method.peft_type} adapters: call set_adapter(name) and run one adapter at a time"
+            )
         return method
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -157,7 +178,7 @@ class AdapterModel(nn.Module):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Recompute activations in backward. Works on transformers 5.17 and on 5.24 (which renamed the API to
-        activation_checkpointing_enable); the inputs get requires_grad so reentrant checkpointing reaches the adapters."""
+        activation_checkpointing_enable); inputs get requires_grad so reentrant checkpointing reaches the adapters."""
         kwargs = dict(gradient_checkpointing_kwargs or {})
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -213,15 +234,18 @@ class AdapterModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- checkpoints
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
         """Adapter `adapter_name`'s tensors under PEFT's saved key names."""
         return self._method(adapter_name).state_dict(self, adapter_name)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        **_: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
+    ) -> None:
         """Write adapter_config.json + adapter_model.safetensors per adapter ("default" at the top, others in
         sub-folders named after them, as PEFT does). Each file is written atomically."""
         if os.path.isfile(save_directory):
@@ -247,8 +271,14 @@ class AdapterModel(nn.Module):
             self.eval()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, **_: Any) -> AdapterModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **_: Any,
+    ) -> AdapterModel:
         """Wrap `model` with the adapter saved in `model_id` (ours or HF PEFT's); frozen unless is_trainable."""
         config = AdapterConfig.load(model_id)
         config.inference_mode = not is_trainable

@@ -7,11 +7,11 @@ import threading
 
 import pytest
 import torch
+
+import fastadapters as fa
 from fastadapters.kernels.bottleneck_ref import bottleneck_ref
 from fastadapters.kernels.lora_ref import lora_ref
 from fastadapters.kernels.prefix_attention_ref import prefix_attention_ref
-
-import fastadapters as fa
 from fastadapters.ops import _registry
 from fastadapters.ops._registry import KernelUnavailableError
 

@@ -28,9 +28,24 @@ from fastadapters.config import AdapterConfig
         (lambda: fa.PromptTuningConfig(prompt_tuning_init="TEXT"), "prompt_tuning_init_text"),
         (lambda: fa.PromptTuningConfig(prompt_tuning_init="VOCAB"), "'RANDOM' or 'TEXT'"),
     ],
-    ids=["r0", "r_neg", "dropout1", "dropout_neg", "bias", "empty_targets", "activation", "bottleneck0",
-         "adapter_dropout", "scaling_str", "init", "parallel_and_p", "prefix_tokens0", "prompt_tokens_neg",
-         "text_without_text", "prompt_init"],
+    ids=[
+        "r0",
+        "r_neg",
+        "dropout1",
+        "dropout_neg",
+        "bias",
+        "empty_targets",
+        "activation",
+        "bottleneck0",
+        "adapter_dropout",
+        "scaling_str",
+        "init",
+        "parallel_and_p",
+        "prefix_tokens0",
+        "prompt_tokens_neg",
+        "text_without_text",
+        "prompt_init",
+    ],
 )
 def test_bad_config_raises_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
@@ -42,9 +57,16 @@ def test_lora_scaling():
     assert fa.LoraConfig(r=16, lora_alpha=16, use_rslora=True).scaling == 4.0
 
 
-@pytest.mark.parametrize("cfg", [fa.LoraConfig(r=4, target_modules=["q_proj"]), fa.BottleneckConfig(scaling="learned"),
-                                 fa.PrefixTuningConfig(num_virtual_tokens=5), fa.PromptTuningConfig(num_virtual_tokens=3)],
-                         ids=lambda c: c.peft_type)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        fa.LoraConfig(r=4, target_modules=["q_proj"]),
+        fa.BottleneckConfig(scaling="learned"),
+        fa.PrefixTuningConfig(num_virtual_tokens=5),
+        fa.PromptTuningConfig(num_virtual_tokens=3),
+    ],
+    ids=lambda c: c.peft_type,
+)
 def test_config_round_trip(tmp_path, cfg):
     cfg.save(tmp_path)
     d = json.loads((tmp_path / "adapter_config.json").read_text())

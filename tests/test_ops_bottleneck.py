@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from fastadapters.kernels.bottleneck_ref import bottleneck_ref
 
 import fastadapters as fa
 from fastadapters.config import ACTIVATIONS
+from fastadapters.kernels.bottleneck_ref import bottleneck_ref
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # half an ulp, relative
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastadapters.kernels.lora_ref import lora_ref
 
 import fastadapters as fa
+from fastadapters.kernels.lora_ref import lora_ref
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fastadapters.kernels.prefix_attention_ref import prefix_attention_ref
 
 import fastadapters as fa
+from fastadapters.kernels.prefix_attention_ref import prefix_attention_ref
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # half an ulp, relative
 

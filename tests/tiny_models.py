@@ -13,18 +13,42 @@ def tiny_config(family: str, **overrides) -> tf.PretrainedConfig:
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+        kw = dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            head_dim=16,
+        )
     elif family == "gpt2":
         cls, kw = tf.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, n_positions=256)
     elif family == "gptj":
         cls, kw = tf.GPTJConfig, dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8)
     elif family == "gpt_neox":
-        cls, kw = tf.GPTNeoXConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=256)
+        cls, kw = (
+            tf.GPTNeoXConfig,
+            dict(
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=256,
+            ),
+        )
     elif family == "opt":
-        cls, kw = tf.OPTConfig, dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=256, word_embed_proj_dim=64)
+        cls, kw = (
+            tf.OPTConfig,
+            dict(
+                hidden_size=64,
+                ffn_dim=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=256,
+                word_embed_proj_dim=64,
+            ),
+        )
     elif family == "bloom":
         cls, kw = tf.BloomConfig, dict(hidden_size=64, n_layer=2, n_head=4)
     else:

@@ -16,6 +16,12 @@ from .multi_lora import multi_lora_delta
 from .prefix_attention import prefix_attention
 
 __all__ = [
-    "KernelUnavailableError", "bottleneck_adapter", "dropout_mask", "lora_linear", "multi_lora_delta", "prefix_attention",
-    "register_kernel", "registered_backends",
+    "KernelUnavailableError",
+    "bottleneck_adapter",
+    "dropout_mask",
+    "lora_linear",
+    "multi_lora_delta",
+    "prefix_attention",
+    "register_kernel",
+    "registered_backends",
 ]

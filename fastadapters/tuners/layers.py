@@ -90,8 +90,10 @@ class LayerMethod(AdapterMethod):
     def check_module(self, module_name: str, module: nn.Module, config: AdapterConfig) -> None:
         """Raise a clear error when `module` cannot carry this adapter."""
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-            raise ValueError(f"target module {module_name!r} is a {type(module).__name__}; {self.peft_type} adapters wrap "
-                             "nn.Linear or transformers Conv1D layers only: pick linear layers in target_modules")
+            raise ValueError(
+                f"target module {module_name!r} is a {type(module).__name__}; {self.peft_type} adapters wrap "
+                "nn.Linear or transformers Conv1D layers only: pick linear layers in target_modules"
+            )
 
     def layers(self, am: AdapterModel) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in am.base_model.named_modules():
@@ -106,8 +108,9 @@ class LayerMethod(AdapterMethod):
         for module_name in names:
             module = am.base_model.get_submodule(module_name)
             if isinstance(module, AdapterLayer) and not isinstance(module, self.layer_cls):
-                raise ValueError(f"{module_name!r} already carries a {type(module).__name__}; "
-                                 f"one module takes one adapter type")
+                raise ValueError(
+                    f"{module_name!r} already carries a {type(module).__name__}; one module takes one adapter type"
+                )
             if not isinstance(module, self.layer_cls):
                 self.check_module(module_name, module, config)
                 wrapper = self.layer_cls(module)
@@ -149,13 +152,17 @@ class LayerMethod(AdapterMethod):
         # PEFT may also save non-adapter keys (e.g. biases with bias="all"): they live on the base layer.
         missing = sorted(set(own) - set(state))
         if missing:
-            raise ValueError(f"the checkpoint has no tensor for {len(missing)} adapter parameters, e.g. {missing[0]!r}: "
-                             "it was saved for another model or other target_modules")
+            raise ValueError(
+                f"the checkpoint has no tensor for {len(missing)} adapter parameters, e.g. {missing[0]!r}: "
+                "it was saved for another model or other target_modules"
+            )
         for key, p in own.items():
             t = state[key]
             if t.shape != p.shape:
-                raise ValueError(f"{key} has shape {tuple(t.shape)} in the checkpoint but the model expects "
-                                 f"{tuple(p.shape)}: was the adapter saved for another base model or rank?")
+                raise ValueError(
+                    f"{key} has shape {tuple(t.shape)} in the checkpoint but the model expects "
+                    f"{tuple(p.shape)}: was the adapter saved for another base model or rank?"
+                )
             with torch.no_grad():
                 p.copy_(t.to(dtype=p.dtype, device=p.device))
         for key, t in state.items():
