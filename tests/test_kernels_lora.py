@@ -420,3 +420,36 @@ def test_lora_layer_runs_the_kernel_and_matches_the_reference_backend(monkeypatc
         loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all()
                                         for p in model.parameters() if p.requires_grad)
+
+
+def test_bf16_model_with_fp32_adapters_takes_the_kernel(monkeypatch):
+    """PEFT keeps adapters in fp32 on half-precision models; the layer then hands the kernel the adapter in the
+    activation dtype (fp32 master weights get the gradients) instead of falling back to the unfused torch path."""
+    from tiny_models import tiny_batch, tiny_model
+
+    cfg = fa.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model = fa.get_adapter_model(tiny_model("llama", seed=0, dtype=torch.bfloat16).to(DEVICE), cfg)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    calls = []
+    real_fwd = K.lora_linear_fwd
+    monkeypatch.setattr(K, "lora_linear_fwd", lambda *a, **kw: calls.append(a[0].dtype) or real_fwd(*a, **kw))
+    ids, mask = (t.to(DEVICE) for t in tiny_batch())
+    out = {}
+    for backend in ("torch", "triton"):
+        for p in lora:
+            p.grad = None
+        with fa.use_backend(backend):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits.float().square().mean().backward()
+        out[backend] = logits.detach().float(), {id(p): p.grad.clone() for p in lora}
+    assert calls == [torch.bfloat16] * 4  # q and v of both layers, on the triton backend only
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=2e-2, atol=2e-2)
+    for p in lora:
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(out["triton"][1][id(p)], out["torch"][1][id(p)], rtol=5e-2, atol=5e-3)

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..backend import get_backend
 from ..config import LoraConfig
 from ..ops.multi_lora import multi_lora_delta, multi_lora_delta_
 from ..targets import LORA_TARGETS, default_targets
@@ -103,6 +104,13 @@ class MixedBatch:
         tok = seq if length == 1 else seq[:, None].expand(batch, length).reshape(-1)
         self._tokens[key] = tok
         return tok
+
+
+def _kernel_path(x: torch.Tensor) -> bool:
+    """Whether lora_linear would run a fused kernel on x: on CUDA unless backend "torch" is forced, or when a
+    kernel backend is asked for explicitly (the interpreter on CPU)."""
+    backend = get_backend()
+    return backend in ("triton", "cuda") or (x.is_cuda and backend == "auto")
 
 
 class LoraLayer(AdapterLayer):
@@ -206,8 +214,12 @@ class LoraLayer(AdapterLayer):
         first = names[0]
         A, B = self.lora_A[first].weight, self.lora_B[first].weight
         weight, bias = self.base_weight(), self.base_layer.bias
-        same = x.dtype == weight.dtype == A.dtype and (bias is None or bias.dtype == x.dtype)
-        if same and not args and not kwargs:
+        base_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
+        if base_dtype and A.dtype != x.dtype and _kernel_path(x):
+            # Fused path for half-precision models with fp32 adapters (PEFT's default dtype): the kernel reads
+            # the adapter in the activation dtype and accumulates in fp32; the fp32 master weights get the grads.
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        if base_dtype and A.dtype == x.dtype and not args and not kwargs:
             # One op call for the base GEMM and the first adapter; further adapters add their delta.
             result = ops.lora_linear(
                 x, weight, bias, A, B, self.scaling[first], dropout_p=self._dropout_p(first), training=self.training
