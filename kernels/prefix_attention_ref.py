@@ -66,6 +66,9 @@ def prefix_attention_ref(
         visible = torch.cat([visible.new_ones(B, 1, Lq, P), visible], dim=-1)
     scores = scores.masked_fill(~visible, float("-inf"))
 
+    if scores.shape[-1] == 0:  # no key at all (P = 0, Lk = 0): every row sees nothing
+        scores = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+        vv = vv.new_zeros((*vv.shape[:2], 1, vv.shape[-1]))
     row_max = scores.amax(dim=-1, keepdim=True).detach()
     has_key = torch.isfinite(row_max)
     row_max = torch.where(has_key, row_max, torch.zeros_like(row_max))

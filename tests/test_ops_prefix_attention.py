@@ -251,3 +251,11 @@ def test_prefix_attention_errors(change, kwargs, match):
         d = change(d)
     with pytest.raises(ValueError, match=match):
         fa.ops.prefix_attention(**d, **kwargs)
+
+
+def test_no_keys_at_all_gives_zero_rows_and_minus_inf_lse():
+    q = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    empty = torch.randn(1, 2, 0, 8, dtype=torch.float64)
+    out, lse = fa.ops.prefix_attention(q, empty, empty, None, None, causal=False, return_lse=True)
+    assert out.shape == q.shape and torch.equal(out, torch.zeros_like(q))
+    assert torch.isneginf(lse).all() and lse.shape == (1, 2, 3)
