@@ -72,3 +72,13 @@ def nan_poison() -> Iterator[None]:
     `pytestmark = pytest.mark.usefixtures("nan_poison")`."""
     with nan_poisoned():
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a test module: tiny models run fastest so, and a busy 2-core machine stalls
+    multi-threaded BLAS. (`pytestmark = pytest.mark.usefixtures("one_thread")`)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

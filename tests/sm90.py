@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -255,26 +256,34 @@ def compile_sm90_many(specs: list[dict], workers: int | None = None, timeout: fl
     workers = max(1, min(workers or min(os.cpu_count() or 1, 4), len(norm)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     chunks = [norm[i::workers] for i in range(workers)]
-    procs = []
-    for chunk in chunks:
+
+    def run(chunk: list[dict]) -> list[Sm90Report]:
         payload = json.dumps([{k: v for k, v in s.items() if k != "fn"} for s in chunk])
         p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        procs.append((p, payload, chunk))
-    by_label: dict[int, Sm90Report] = {}
-    for i, (p, payload, chunk) in enumerate(procs):
         try:
             out, err = p.communicate(payload, timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
         if p.returncode != 0:
-            reports = [Sm90Report(s["label"], error=f"worker exited {p.returncode}: {err[-2000:]}") for s in chunk]
-        else:
-            reports = [Sm90Report(**r) for r in json.loads(out.strip().splitlines()[-1])]
+            return [Sm90Report(s["label"], error=f"worker exited {p.returncode}: {err[-2000:]}") for s in chunk]
+        return [Sm90Report(**r) for r in json.loads(out.strip().splitlines()[-1])]
+
+    with ThreadPoolExecutor(workers) as pool:  # the workers compile side by side
+        results = list(pool.map(run, chunks))
+    by_index: dict[int, Sm90Report] = {}
+    for i, reports in enumerate(results):
         for j, r in enumerate(reports):
-            by_label[j * workers + i] = r
-    return [by_label[i] for i in range(len(norm))]
+            by_index[j * workers + i] = r
+    return [by_index[i] for i in range(len(norm))]
+
+
+def compile_space(space: list[tuple[str, Any]]) -> dict[str, Sm90Report]:
+    """Compile every (label, launch) of a kernel module's sm90_dispatch_space(); the reports by label."""
+    specs = [spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label)
+             for label, launch in space]
+    return {r.label: r for r in compile_sm90_many(specs)}
 
 
 def compile_sm90(fn: Any, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,

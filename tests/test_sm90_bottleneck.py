@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from sm90 import SM90_MAX_SHARED, Sm90Report, compile_sm90_many, spec_from_launch  # noqa: E402
+from sm90 import SM90_MAX_SHARED, Sm90Report, compile_space  # noqa: E402
 
 from fastadapters.kernels import bottleneck as K  # noqa: E402
 
@@ -32,15 +32,10 @@ SPACE = K.sm90_dispatch_space()
 FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
 
 
-def _specs(space):
-    return [spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label)
-            for label, launch in space]
-
-
 @pytest.fixture(scope="module")
 def reports() -> dict[str, Sm90Report]:
     """All default-space compiles at once (parallel workers); each test below checks one."""
-    return {r.label: r for r in compile_sm90_many(_specs(SPACE))}
+    return compile_space(SPACE)
 
 
 @pytest.mark.parametrize("label", [label for label, _ in SPACE])
@@ -97,6 +92,6 @@ def test_fused_mode_stays_within_the_register_budget():
 @pytest.mark.skipif(not FULL, reason="set FASTADAPTERS_SM90_FULL=1 (about 280 compiles, ~25 min on 2 cores)")
 def test_full_space_compiles_for_sm90():
     """Every B, every flavour (fp16 and fp32 inputs too), aligned and unaligned."""
-    problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_sm90_many(_specs(K.sm90_dispatch_space(True)))
+    problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_space(K.sm90_dispatch_space(True)).values()
                 if r.problems()]
     assert not problems, "\n".join(problems)

@@ -17,22 +17,17 @@ import pytest
 
 pytest.importorskip("triton")
 
-from sm90 import SM90_MAX_SHARED, Sm90Report, compile_sm90, compile_sm90_many, spec_from_launch  # noqa: E402
+from sm90 import SM90_MAX_SHARED, Sm90Report, compile_sm90, compile_space  # noqa: E402
 
 from fastadapters.kernels import lora as K  # noqa: E402
 
 SPACE = K.sm90_dispatch_space()
 
 
-def _specs(space):
-    return [spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label)
-            for label, launch in space]
-
-
 @pytest.fixture(scope="module")
 def reports() -> dict[str, Sm90Report]:
     """All default-space compiles at once (parallel workers); each test below checks one."""
-    return {r.label: r for r in compile_sm90_many(_specs(SPACE))}
+    return compile_space(SPACE)
 
 
 @pytest.mark.parametrize("label", [label for label, _ in SPACE])
@@ -94,6 +89,6 @@ def test_report_check_fails_on_each_problem(report, problem):
                     reason="about 180 compiles (minutes): set FASTADAPTERS_SM90_FULL=1 to run")
 def test_full_space_compiles_for_sm90():
     """Every dtype (fp16 too), R_PAD 16..256 and r = 5, every use of each kernel (about 180 compiles)."""
-    problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_sm90_many(_specs(K.sm90_dispatch_space(True)))
+    problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_space(K.sm90_dispatch_space(True)).values()
                 if r.problems()]
     assert not problems, "\n".join(problems)

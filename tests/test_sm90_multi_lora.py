@@ -28,7 +28,7 @@ import torch
 pytest.importorskip("triton")
 
 # Kernels imported without TRITON_INTERPRET compile right here; interpreted ones go to tests/sm90.py's workers.
-from sm90 import SM90_MAX_SHARED, Sm90Report, compile_sm90_many, spec_from_launch  # noqa: E402
+from sm90 import SM90_MAX_SHARED, Sm90Report, compile_space  # noqa: E402
 
 from fastadapters.kernels import multi_lora as K  # noqa: E402
 
@@ -106,9 +106,7 @@ def nvcc_job():
 @pytest.fixture(scope="module")
 def reports(nvcc_job) -> dict[str, Sm90Report]:
     """All Triton compiles at once (in-process or parallel workers); each test below checks one."""
-    specs = [spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label)
-             for label, launch in SPACE]
-    return {r.label: r for r in compile_sm90_many(specs)}
+    return compile_space(SPACE)
 
 
 @pytest.mark.parametrize("label", [label for label, _ in SPACE])

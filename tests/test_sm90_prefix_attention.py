@@ -16,7 +16,6 @@ fail the test.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -34,15 +33,8 @@ WORKERS = 2
 
 
 def compile_all(specs: list[dict]) -> list[Sm90Report]:
-    """compile_sm90_many over WORKERS slices at once (each call runs its own worker subprocess)."""
-    slices = [specs[i::WORKERS] for i in range(WORKERS)]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        results = list(pool.map(lambda chunk: compile_sm90_many(chunk, workers=1) if chunk else [], slices))
-    out: list[Sm90Report] = [None] * len(specs)  # type: ignore[list-item]
-    for i, reports in enumerate(results):
-        for j, r in enumerate(reports):
-            out[j * WORKERS + i] = r
-    return out
+    """compile_sm90_many with WORKERS subprocesses side by side."""
+    return compile_sm90_many(specs, workers=WORKERS)
 
 
 def _problems(r: Sm90Report) -> list[str]:
