@@ -11,9 +11,7 @@ OP_GROUPS so that a crashed kernel or a timeout costs only the rest of its group
 measured). Keeps to a time budget (default 300 s, plus at most 45 s of install: under 6 minutes on an H200) by
 giving each step a timeout from what is left, shared among the groups by OP_WEIGHTS.
 
-When `fastadapters.kernels` cannot be imported (the package is not installed, so the top-level kernels/
-folder is not mapped into it), the children run with PYTHONPATH=<shim>:<repo>, where <shim> holds a
-sitecustomize.py that maps it (and then runs any sitecustomize it shadows): no install needed.
+The children run from the repository root with it on PYTHONPATH: no install is needed.
 `--smoke` runs the same steps on a CPU with tiny shapes (for the tests).
 """
 
@@ -25,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -45,68 +42,19 @@ OP_GROUPS = (("lora", "bottleneck", "multi_lora", "prefix_attention"), ("model",
 OP_WEIGHTS = {"lora": 1.5, "bottleneck": 1.0, "multi_lora": 1.5, "prefix_attention": 2.5, "model": 2.0,
               "decode": 2.5}
 
-SHIM = '''"""Written by benchmarks/gpu_check.py: maps the repository's top-level kernels/ folder to the module
-fastadapters.kernels (as an install of the package does), then runs the sitecustomize this file shadows."""
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import os
-import sys
+def child_env() -> tuple[dict[str, str], str]:
+    """The environment for the steps (repo root first on PYTHONPATH), and where fastadapters is imported from.
 
-_KERNELS = {kernels!r}
-
-
-class _FastadaptersKernelsFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name != "fastadapters.kernels":
-            return None
-        return importlib.util.spec_from_file_location(
-            name, os.path.join(_KERNELS, "__init__.py"), submodule_search_locations=[_KERNELS])
-
-
-sys.meta_path.append(_FastadaptersKernelsFinder())
-
-_here = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.machinery.PathFinder.find_spec(
-    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
-if _spec is not None and _spec.loader is not None:
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-'''
-
-
-def write_kernels_shim(directory: str | os.PathLike, repo: str | os.PathLike = REPO) -> Path:
-    """Write `directory`/sitecustomize.py mapping `repo`/kernels to fastadapters.kernels; returns the folder.
-
-    Put the folder first on PYTHONPATH (and the repo after it) for a Python that has not installed fastadapters.
+    No install is needed: fastadapters maps the top-level kernels/ folder to fastadapters.kernels itself.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sitecustomize.py").write_text(SHIM.format(kernels=str(Path(repo).resolve() / "kernels")))
-    return directory
-
-
-def kernels_importable(python: str, env: dict[str, str]) -> bool:
-    """Whether `python` (with `env`, run from the repo root) can import fastadapters.kernels."""
-    r = subprocess.run([python, "-c", "import fastadapters.kernels"], cwd=REPO, env=env, capture_output=True,
-                       timeout=120)
-    return r.returncode == 0
-
-
-def child_env(python: str, force_shim: bool = False) -> tuple[dict[str, str], str]:
-    """The environment for the steps, and how fastadapters.kernels is reached ("installed" or "shim ...")."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     paths = [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    if not force_shim and kernels_importable(python, env):
-        return env, "installed (fastadapters.kernels imports)"
-    shim = write_kernels_shim(tempfile.mkdtemp(prefix="fastadapters-shim-"))
-    env["PYTHONPATH"] = os.pathsep.join([str(shim), *paths])
-    how = f"PYTHONPATH shim ({shim}/sitecustomize.py maps kernels/ to fastadapters.kernels)"
-    if not force_shim and not kernels_importable(python, env):
-        how += ": STILL NOT IMPORTABLE (see env.txt)"
+    r = subprocess.run([sys.executable, "-c", "import fastadapters.kernels as k; print(k.__path__[0])"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=120)
+    how = f"kernels from {r.stdout.strip()}" if r.returncode == 0 else f"NOT IMPORTABLE: {r.stderr.strip()[-300:]}"
     return env, how
 
 
@@ -232,7 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--ops", default=",".join(REGISTRY), help=f"comma-separated subset of {','.join(REGISTRY)}")
-    p.add_argument("--force-shim", action="store_true", help="use the PYTHONPATH shim even if the package imports")
     args = p.parse_args(argv)
     ops = [b.strip() for b in args.ops.split(",") if b.strip()]
     unknown = sorted(set(ops) - set(REGISTRY))
@@ -247,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("pytest.log", "bench.log"):
         (out / name).write_text("")
     py = sys.executable
-    env, how = child_env(py, args.force_shim)
+    env, how = child_env()
     print(f"[gpu_check] fastadapters.kernels: {how}", flush=True)
     steps: list[tuple[str, int | None, float]] = []
 

@@ -378,36 +378,6 @@ def test_repository_readme_block_is_generated():
 
 
 # ------------------------------------------------------------------------------------------------ GPU check
-SHIM_CHECK = textwrap.dedent("""
-    import sys
-    def drop(pred):
-        sys.meta_path[:] = [f for f in sys.meta_path if not pred(getattr(f, "__module__", ""), f)]
-    drop(lambda mod, f: "editable" in mod.lower())  # forget the editable install of the package
-    ours = [f for f in sys.meta_path if type(f).__name__ == "_FastadaptersKernelsFinder"]
-    assert len(ours) == 1, sys.meta_path
-    sys.meta_path.remove(ours[0])
-    try:  # control: without the shim the package cannot import its kernels
-        import fastadapters.kernels
-        raise SystemExit("control failed: fastadapters.kernels imported without the shim")
-    except ModuleNotFoundError as e:
-        assert "fastadapters.kernels" in str(e), e
-    for name in [m for m in sys.modules if m.startswith("fastadapters")]:
-        del sys.modules[name]
-    sys.meta_path.append(ours[0])
-    import fastadapters.kernels, fastadapters.kernels.lora_ref
-    print("OK", fastadapters.kernels.__file__)
-""")
-
-
-def test_kernels_shim_maps_top_level_kernels_without_an_install(tmp_path):
-    shim = gpu_check.write_kernels_shim(tmp_path / "shim")
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{shim}:{REPO}", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", SHIM_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.startswith("OK") and str(REPO / "kernels" / "__init__.py") in r.stdout
-
-
 def test_gpu_check_groups_cover_every_op_once():
     groups = gpu_check.bench_groups(list(run.REGISTRY))
     assert sorted(n for g in groups for n in g) == sorted(run.REGISTRY)
@@ -433,13 +403,13 @@ def test_gpu_check_smoke_writes_summary_csv_plots_and_junit(tmp_path):
             raise AssertionError("deselected by -m gpu, must not run")
     """))
     out = tmp_path / "out"
-    rc = gpu_check.main([str(out), "--smoke", "--force-shim", "--tests", str(tests), "--ops", "bottleneck",
+    rc = gpu_check.main([str(out), "--smoke", "--tests", str(tests), "--ops", "bottleneck",
                          "--budget", "300"])
     assert rc == 1  # the planted failure
     summary = (out / "summary.md").read_text()
     assert "0 passed, 1 failed, 0 errors, 1 skipped" in summary
     assert "test_fails_on_purpose: " in summary and "planted failure" in summary
-    assert "PYTHONPATH shim" in summary
+    assert f"kernels from {REPO / 'kernels'}" in summary
     assert "### bottleneck_adapter" in summary and "| reference | fwd+bwd |" in summary and "### ceiling" in summary
     assert "torch         " + torch.__version__ in (out / "env.txt").read_text()
     header, rows = _read(out / "results.csv")
