@@ -215,9 +215,10 @@ class LoraLayer(AdapterLayer):
         A, B = self.lora_A[first].weight, self.lora_B[first].weight
         weight, bias = self.base_weight(), self.base_layer.bias
         base_dtype = x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
-        if base_dtype and A.dtype != x.dtype and _kernel_path(x):
-            # Fused path for half-precision models with fp32 adapters (PEFT's default dtype): the kernel reads
-            # the adapter in the activation dtype and accumulates in fp32; the fp32 master weights get the grads.
+        # Fused path for half-precision models with fp32 adapters (PEFT's default dtype): the kernel reads every
+        # adapter in the activation dtype and accumulates in fp32; the fp32 master weights get the grads.
+        cast = base_dtype and A.dtype != x.dtype and _kernel_path(x)
+        if cast:
             A, B = A.to(x.dtype), B.to(x.dtype)
         if base_dtype and A.dtype == x.dtype and not args and not kwargs:
             # One op call for the base GEMM and the first adapter; further adapters add their delta.
@@ -225,7 +226,8 @@ class LoraLayer(AdapterLayer):
                 x, weight, bias, A, B, self.scaling[first], dropout_p=self._dropout_p(first), training=self.training
             )
             for n in names[1:]:
-                result = result + self._delta(n, x)
+                delta = self._delta(n, x, x.dtype) if cast else self._delta(n, x.to(self.lora_A[n].weight.dtype))
+                result = result + delta.to(result.dtype)
             return result
         # PEFT's cast: base in x's dtype, each LoRA branch in its adapter's dtype, the sum back to the base dtype.
         result = self.base_layer(x, *args, **kwargs)
@@ -234,10 +236,13 @@ class LoraLayer(AdapterLayer):
             result = result + self._delta(n, x.to(self.lora_A[n].weight.dtype))
         return result.to(out_dtype)
 
-    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """s * dropout(x) A^T B^T for adapter `name`; x: (..., K) in the adapter's dtype -> (..., N)."""
-        h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
-        return F.linear(h, self.lora_B[name].weight) * self.scaling[name]
+    def _delta(self, name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """s * dropout(x) A^T B^T for adapter `name`; x: (..., K) -> (..., N). The weights are used in `dtype`
+        (x's, on the kernel path), else x must be in the adapter's dtype."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        return F.linear(F.linear(self.lora_dropout[name](x), A), B) * self.scaling[name]
 
     # -- mixed batches
     def adapter_stacks(self, order: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
