@@ -126,14 +126,14 @@ def test_use_backend_is_per_thread():
 def test_explicit_backend_without_kernel_raises(op, backend):
     fn, make = OPS[op]
     with fa.use_backend(backend), pytest.raises(
-        KernelUnavailableError, match=rf"backend '{backend}' has no {op} kernel yet; use 'torch' or 'auto'"
+        KernelUnavailableError, match=rf"backend '{backend}' has no {op} kernel.*; use 'auto' to fall back to 'torch'"
     ):
         fn(*make())
 
 
 def test_env_var_backend_without_kernel_raises(monkeypatch):
     monkeypatch.setenv("FASTADAPTERS_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="backend 'triton' has no prefix_attention kernel yet"):
+    with pytest.raises(NotImplementedError, match="backend 'triton' has no prefix_attention kernel"):
         fa.ops.prefix_attention(*prefix_args())
 
 
@@ -238,6 +238,124 @@ def test_register_kernel_as_decorator_and_bad_registrations():
         fa.ops.register_kernel("lora_linear", "torch", lora_ref)
     with pytest.raises(ValueError, match=r"unknown op 'lora': fastadapters\.ops has"):
         fa.ops.register_kernel("lora", "triton", lora_ref)
+
+
+def test_cuda_backend_means_gpu_kernels_cpp_first_then_triton(fake_kernels):
+    """'cuda' runs the op's C++/CUDA kernel where it has one, else its Triton kernel (only multi-LoRA has a C++
+    kernel: 'cuda' must not break LoRA, bottleneck and prefix models)."""
+    calls, refuse = fake_kernels
+    with fa.use_backend("cuda"):
+        fa.ops.lora_linear(*lora_args())
+        assert calls[-1][0] == "cuda"
+        refuse["cuda"] = "extension not built"
+        fa.ops.lora_linear(*lora_args())
+        assert calls[-1][0] == "triton"
+        refuse["triton"] = "x is on cpu"
+        with pytest.raises(KernelUnavailableError, match=r"backend 'cuda' cannot run lora_linear on these inputs: "
+                                                         r"extension not built; backend 'triton' cannot run"):
+            fa.ops.lora_linear(*lora_args())
+    _registry.unregister_kernel("lora_linear", "cuda")
+    del refuse["triton"]
+    with fa.use_backend("cuda"):
+        fa.ops.lora_linear(*lora_args())
+    assert calls[-1][0] == "triton"
+
+
+def test_per_op_backends_in_use_backend_and_env(monkeypatch, fake_kernels):
+    calls, _ = fake_kernels
+    with fa.use_backend("triton", lora_linear="torch"):
+        assert fa.get_backend() == "triton" and fa.get_backend("lora_linear") == "torch"
+        assert fa.get_backend("prefix_attention") == "triton"
+        assert torch.equal(fa.ops.lora_linear(*lora_args()), lora_ref(*lora_args()))
+        with fa.use_backend(lora_linear="cuda"):
+            fa.ops.lora_linear(*lora_args())
+            assert calls[-1][0] == "cuda" and fa.get_backend("bottleneck_adapter") == "triton"
+        with fa.use_backend("auto"):  # the innermost block that names the op, or sets a default, wins
+            assert fa.get_backend("lora_linear") == "auto"
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", "triton, lora_linear=torch")
+    assert fa.get_backend() == "triton" and fa.get_backend("lora_linear") == "torch"
+    assert torch.equal(fa.ops.lora_linear(*lora_args()), lora_ref(*lora_args()))
+    monkeypatch.setenv("FASTADAPTERS_BACKEND", "lora=torch")
+    with pytest.raises(ValueError, match="unknown op 'lora' in FASTADAPTERS_BACKEND"):
+        fa.get_backend()
+    with pytest.raises(ValueError, match="unknown op 'lora_lin' in use_backend"), fa.use_backend(lora_lin="torch"):
+        pass
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"), fa.use_backend(lora_linear="gpu"):
+        pass
+
+
+class FakeCompileError(Exception):
+    """Stands for triton's CompilationError / OutOfResources (any exception raised from a triton module)."""
+
+
+FakeCompileError.__module__ = "triton.runtime.errors"
+
+
+def test_auto_falls_back_once_when_a_kernel_fails_to_compile(fake_kernels, recwarn):
+    calls, refuse = fake_kernels
+    refuse["cuda"] = "not built"
+    tried = []
+
+    def broken(*args):
+        tried.append(1)
+        raise FakeCompileError("out of resources: shared memory, Required: 180224, Hardware limit: 101376")
+
+    _registry.register_kernel("lora_linear", "triton", broken)
+    args = lora_args()
+    with pytest.warns(RuntimeWarning, match=r"the triton kernel of lora_linear failed to compile or launch on cpu "
+                                            r"\(FakeCompileError: out of resources.*FASTADAPTERS_BACKEND=lora_linear=torch"):
+        y = fa.ops.lora_linear(*args)
+    assert torch.equal(y, lora_ref(*args)) and len(tried) == 1
+    y = fa.ops.lora_linear(*args)  # dropped for this device: no second try, no second warning
+    assert torch.equal(y, lora_ref(*args)) and len(tried) == 1
+    assert [w for w in recwarn if issubclass(w.category, RuntimeWarning)] == []
+    assert ("lora_linear", "triton", "cpu") in _registry.failed_kernels()
+    _registry._FAILED.clear()
+    with fa.use_backend("triton"), pytest.raises(FakeCompileError):  # asked for explicitly: the error surfaces
+        fa.ops.lora_linear(*args)
+
+
+def test_auto_does_not_hide_bad_arguments_or_bugs(fake_kernels):
+    _, refuse = fake_kernels
+    refuse["cuda"] = "not built"
+
+    def buggy(*args):
+        raise IndexError("a bug in a kernel launcher")
+
+    _registry.register_kernel("lora_linear", "triton", buggy)
+    with pytest.raises(IndexError, match="a bug"):
+        fa.ops.lora_linear(*lora_args())
+
+
+# ---------------------------------------------------------------- gradient checkpointing x backend
+
+
+def test_checkpoint_recompute_runs_on_the_forward_backend():
+    """Forward under use_backend("triton"), backward after the block (on CUDA: on autograd's thread): the recompute
+    must run the kernel that ran the forward, in both checkpointing modes. The fake kernel refuses under "auto"
+    (as the real ones do on CPU), so a recompute that read the backend at call time would run the reference."""
+    calls = []
+
+    def kernel(*args):
+        calls.append("triton")
+        return lora_ref(*args)
+
+    _registry.register_kernel("lora_linear", "triton", kernel,
+                              supports=lambda *a: "CPU under auto" if fa.get_backend() == "auto" else None)
+    x, w, b, A, B, s = lora_args()
+    A.requires_grad_(True)
+
+    def f(x):
+        return fa.ops.lora_linear(x, w, b, A, B, s)
+
+    for reentrant in (True, False):
+        calls.clear()
+        xin = x.clone().requires_grad_(True)
+        with fa.use_backend("triton"):
+            y = torch.utils.checkpoint.checkpoint(f, xin, use_reentrant=reentrant)
+        assert fa.get_backend("lora_linear") == "auto" and calls == ["triton"]
+        y.sum().backward()
+        assert calls == ["triton", "triton"], (reentrant, calls)
 
 
 # ---------------------------------------------------------------- conftest's NaN poison

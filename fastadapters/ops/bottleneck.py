@@ -93,8 +93,18 @@ def bottleneck_adapter(
     check_dropout(dropout_p, training, seed)
 
     args = (h, down_weight, up_weight, activation, scaling, residual, down_bias, up_bias)
-    _, fn = _registry.resolve("bottleneck_adapter", *args, None)
+    backend, fn = _registry.resolve("bottleneck_adapter", *args, None)
+
+    def reference() -> torch.Tensor:
+        mask = maybe_dropout_mask(h, dropout_p, training, seed, dtype=torch.promote_types(h.dtype, torch.float32))
+        return bottleneck_ref(*args, mask)
+
     if getattr(fn, "generates_dropout_mask", False):  # draws the mask from a seed inside the kernel (Philox)
-        return fn(*args, None, dropout_p=float(dropout_p) if training else 0.0, seed=seed)
+        p = float(dropout_p) if training else 0.0
+        return _registry.call("bottleneck_adapter", backend, lambda: fn(*args, None, dropout_p=p, seed=seed),
+                              reference, str(h.device))
+    if backend == "torch":
+        return reference()
     mask = maybe_dropout_mask(h, dropout_p, training, seed, dtype=torch.promote_types(h.dtype, torch.float32))
-    return fn(*args, mask)
+    return _registry.call("bottleneck_adapter", backend, lambda: fn(*args, mask), lambda: bottleneck_ref(*args, mask),
+                          str(h.device))

@@ -30,7 +30,7 @@ def lora_linear(
     (lora_alpha / r, or / sqrt(r) with rsLoRA). Dropout (on the LoRA branch only) is applied when dropout_p > 0
     and training: a Bernoulli keep-mask scaled by 1/(1-p), from torch's RNG, or from a generator seeded with
     `seed` (same seed, same mask). All tensors share x's dtype and device. Returns y: (..., N) in x's dtype.
-    Runs the backend of fastadapters.get_backend(). A kernel flagged `generates_dropout_mask` (the "triton" one)
+    Runs the backend of fastadapters.get_backend("lora_linear"). A kernel flagged `generates_dropout_mask` (the "triton" one)
     gets (dropout_p, seed) and draws its own mask (Philox: a different mask than the reference's for one seed).
     """
     check_tensor("x", x, min_ndim=1)
@@ -61,9 +61,19 @@ def lora_linear(
     scaling = check_scalar("scaling", scaling)
     check_dropout(dropout_p, training, seed)
 
-    _, fn = _registry.resolve("lora_linear", x, weight, bias, lora_A, lora_B, scaling, None)
+    args = (x, weight, bias, lora_A, lora_B, scaling)
+    backend, fn = _registry.resolve("lora_linear", *args, None)
+
+    def reference() -> torch.Tensor:
+        mask = maybe_dropout_mask(x, dropout_p, training, seed, dtype=torch.promote_types(x.dtype, torch.float32))
+        return lora_ref(*args, mask)
+
     if getattr(fn, "generates_dropout_mask", False):  # draws the mask from a seed inside the kernel (Philox)
-        return fn(x, weight, bias, lora_A, lora_B, scaling, None, dropout_p=float(dropout_p) if training else 0.0,
-                  seed=seed)
+        p = float(dropout_p) if training else 0.0
+        return _registry.call("lora_linear", backend, lambda: fn(*args, None, dropout_p=p, seed=seed), reference,
+                              str(x.device))
+    if backend == "torch":
+        return reference()
     mask = maybe_dropout_mask(x, dropout_p, training, seed, dtype=torch.promote_types(x.dtype, torch.float32))
-    return fn(x, weight, bias, lora_A, lora_B, scaling, mask)
+    return _registry.call("lora_linear", backend, lambda: fn(*args, mask), lambda: lora_ref(*args, mask),
+                          str(x.device))

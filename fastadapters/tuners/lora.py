@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..backend import get_backend
+from ..backend import backend_for
 from ..config import LoraConfig
 from ..ops.multi_lora import multi_lora_delta, multi_lora_delta_
 from ..targets import LORA_TARGETS, default_targets
@@ -109,7 +109,7 @@ class MixedBatch:
 def _kernel_path(x: torch.Tensor) -> bool:
     """Whether lora_linear would run a fused kernel on x: on CUDA unless backend "torch" is forced, or when a
     kernel backend is asked for explicitly (the interpreter on CPU)."""
-    backend = get_backend()
+    backend = backend_for("lora_linear")  # in a checkpoint recompute: the backend its forward ran on
     return backend in ("triton", "cuda") or (x.is_cuda and backend == "auto")
 
 
