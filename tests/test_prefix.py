@@ -377,3 +377,26 @@ def test_wrong_checkpoint_shape_names_the_tensor():
         method.load_state_dict(am, "default", {"prompt_embeddings": torch.zeros(3, 128)})
     with pytest.raises(ValueError, match="no 'prompt_embeddings'"):
         method.load_state_dict(am, "default", {"embedding.weight": torch.zeros(4, 128)})
+
+
+def test_attaching_a_prefix_does_not_change_the_callers_config():
+    """A second model built from the same config object after attaching a prefix adapter to the first runs plain
+    attention: the adapter changes only the adapted model's own (private) config."""
+    from tiny_models import tiny_config
+
+    import transformers as tf
+
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    first = tf.LlamaForCausalLM(cfg).eval()
+    impl = cfg._attn_implementation  # what building the model chose ("sdpa" or "eager")
+    am = fa.get_adapter_model(first, fa.PrefixTuningConfig(num_virtual_tokens=3))
+    assert cfg._attn_implementation == impl and am.base_model.config._attn_implementation == ATTN_NAME
+    torch.manual_seed(0)
+    second = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (2, 6))
+    out = second(input_ids=ids).logits  # raised "'fastadapters_prefix' was called without a prefix" before
+    with am.disable_adapter():
+        assert torch.allclose(am(input_ids=ids).logits, out, atol=1e-5)
+    plain = am.unload()
+    assert plain.config._attn_implementation == impl

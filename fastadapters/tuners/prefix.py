@@ -31,6 +31,7 @@ Deliberate differences from PEFT:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -58,6 +59,24 @@ if TYPE_CHECKING:
 # Families whose forward numbers positions from the attention mask (PEFT's mask carries P ones for the prefix).
 MASK_POSITION_FAMILIES = frozenset({"opt"})
 
+
+
+def _own_configs(model: nn.Module) -> None:
+    """Give `model` private copies of the config objects its modules share with the caller.
+
+    transformers models keep a reference to the config they were built from, and the attention implementation is
+    a field of it: switching it on a shared config would switch every other model built from that config object
+    (they would call the prefix attention without a prefix). Copied once per model (one deepcopy memo, so configs
+    nested in one another stay nested); later activations reuse the copies.
+    """
+    if getattr(model, "_fastadapters_own_config", False):
+        return
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            m.config = copy.deepcopy(cfg, memo)
+    model._fastadapters_own_config = True
 
 class PrefixEncoder(nn.Module):
     """PEFT's PrefixEncoder: the prefix table (P, num_layers * 2 * token_dim) from learned parameters.
@@ -262,6 +281,7 @@ class PrefixTuningMethod(AdapterMethod):
         model = am.base_model
         if self._saved_attn is not None:
             return
+        _own_configs(model)
         saved, seen = [], set()
         for m in model.modules():
             cfg = getattr(m, "config", None)
