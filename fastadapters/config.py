@@ -56,6 +56,7 @@ class AdapterConfig:
             )
         names = {f.name for f in dataclasses.fields(target)}
         kwargs = {k: v for k, v in d.items() if k in names}
+        target.check_peft_dict(d)
         unsupported = {
             k: v
             for k, v in d.items()
@@ -68,6 +69,10 @@ class AdapterConfig:
         return target(**kwargs)
 
     unsupported_fields: ClassVar[dict[str, tuple]] = {}
+
+    @classmethod
+    def check_peft_dict(cls, d: dict[str, Any]) -> None:
+        """Refuse a (PEFT-written) config dict that PEFT itself refuses, with PEFT's reason (default: nothing)."""
 
     def save(self, directory: str | os.PathLike) -> None:
         from .checkpoint import atomic_write_bytes
@@ -90,11 +95,14 @@ class AdapterConfig:
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """LoRA: y = x W^T + b + s * dropout(x) A^T B^T with s = lora_alpha / r (or / sqrt(r) with rslora)."""
+    """LoRA: y = x W^T + b + s * dropout(x) A^T B^T with s = lora_alpha / r (or / sqrt(r) with rslora).
+
+    use_dora=True: DoRA (weight-decomposed LoRA, PEFT's semantics): y = c * (x W^T + s x A^T B^T) + b with a
+    trainable magnitude m per output feature and c = m / ||W + s B A|| (row norms, no gradient).
+    """
 
     peft_type: ClassVar[str] = "LORA"
     unsupported_fields: ClassVar[dict[str, tuple]] = {
-        "use_dora": (False, None),
         "lora_bias": (False, None),
         "layers_to_transform": (None,),
         "rank_pattern": ({}, None),
@@ -123,10 +131,15 @@ class LoraConfig(AdapterConfig):
     bias: str = "none"
     fan_in_fan_out: bool = False
     init_lora_weights: bool = True
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoRA rank r={self.r!r} must be a positive integer (8 or 16 are common)")
+        if self.use_dora is None:  # PEFT writes null for "off" in some versions
+            self.use_dora = False
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora={self.use_dora!r} must be True (DoRA) or False (plain LoRA)")
         _check_dropout("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r}: use 'none', 'all' or 'lora_only'")
@@ -135,6 +148,14 @@ class LoraConfig(AdapterConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @classmethod
+    def check_peft_dict(cls, d: dict[str, Any]) -> None:
+        if d.get("use_dora") and d.get("lora_bias"):
+            raise ValueError(
+                "this LoRA checkpoint sets both use_dora=True and lora_bias=True, which PEFT refuses too "
+                "(lora_bias is not supported for DoRA): set one of them to False"
+            )
 
 
 @dataclass

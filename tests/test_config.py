@@ -77,8 +77,8 @@ def test_config_round_trip(tmp_path, cfg):
 
 
 def test_peft_config_with_unsupported_feature_is_refused():
-    with pytest.raises(ValueError, match="use_dora"):
-        AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": True})
+    with pytest.raises(ValueError, match="use_qalora"):
+        AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "use_qalora": True})
     cfg = AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": False, "megatron_core": "x"})
     assert cfg.r == 4
 

@@ -26,12 +26,26 @@ require grad, the stacks are built differentiably each call and the reference ru
 Merging is exact: the first merge keeps a copy of the original base weight; every merge recomputes
 W = round(W_orig + sum of merged deltas, computed in fp32) and unmerge puts the copy back bit for bit. The copy
 costs one extra weight per merged layer until unmerge / unload.
+
+DoRA (`use_dora=True`, PEFT 0.21's semantics): the adapter also owns a trainable magnitude m (N,) at
+`<target>.lora_magnitude_vector[<adapter>].weight` (saved as `<target>.lora_magnitude_vector`, PEFT's key), and
+adds to the running result r (base output plus the adapters before it)
+
+    (c - 1) * (r - b) + c * s * x A^T B^T,    c = m / ||W + s B A||  (row norms, detached)
+
+so a lone DoRA adapter gives c * (x W^T + s x A^T B^T) + b. With dropout in training PEFT uses x_d = dropout(x)
+and (c - 1) * x_d W^T instead of (c - 1) * (r - b); this layer does the same. The norm is computed without the
+(N, K) delta (fastadapters.kernels.dora_ref.dora_norm_ref: one N x K x r GEMM W A^T plus r x r work), from
+||W_i||^2 cached per frozen base weight; the norm itself is cached until W, A, B or the scaling change (tensor
+versions), so inference and gradient-accumulation micro-steps compute it once. A merge folds the adapters in the
+order PEFT does: W <- c * (W + s B A) with c from the unmerged base weight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +58,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..backend import backend_for
 from ..config import LoraConfig
+from ..kernels.dora_ref import dora_norm_ref, dora_weight_sq_ref
+from ..ops.dora import dora_linear
 from ..ops.multi_lora import multi_lora_delta, multi_lora_delta_
 from ..targets import LORA_TARGETS, default_targets
 from . import register
@@ -62,6 +78,7 @@ def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 BASE_ADAPTER = "__base__"  # in adapter_names: this sequence runs the base model alone
+_DORA_RE = re.compile(r"\.lora_magnitude_vector\.weight$")
 
 
 @dataclass
@@ -113,6 +130,22 @@ def _kernel_path(x: torch.Tensor) -> bool:
     return backend in ("triton", "cuda") or (x.is_cuda and backend == "auto")
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude of one adapter: `weight` (N,), one per output feature (PEFT's DoraLinearLayer)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def __repr__(self) -> str:
+        return f"lora.dora.DoraMagnitude({self.weight.shape[0]})"
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's current values: storage, in-place version, dtype, device, shape."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
 class LoraLayer(AdapterLayer):
     """One frozen linear layer (nn.Linear or transformers Conv1D) with any number of named LoRA adapters.
 
@@ -126,6 +159,8 @@ class LoraLayer(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.use_dora: dict[str, bool] = {}
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -134,6 +169,8 @@ class LoraLayer(AdapterLayer):
         self._orig_weight: torch.Tensor | None = None  # the base weight before any merge (see module docstring)
         self._mixed: MixedBatch | None = None  # set by LoraMethod for the duration of a mixed-batch call
         self._stack_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._dora_wsq: tuple[tuple, torch.Tensor] | None = None  # ||W_i||^2 of the current base weight
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter -> ||W + s B A|| row norms
 
     # PEFT's tuner layers expose the base layer's tensors; some model code reads `module.weight`.
     @property
@@ -180,6 +217,25 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha[name] = config.lora_alpha
         self.use_rslora[name] = config.use_rslora
         self.scaling[name] = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.use_dora[name] = bool(config.use_dora)
+        self._dora_norms.pop(name, None)
+        if config.use_dora:
+            self.lora_magnitude_vector[name] = DoraMagnitude(self._dora_init_magnitude(name))
+        elif name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+
+    def _dora_init_magnitude(self, name: str) -> torch.Tensor:
+        """m = ||W + s B A|| per output row, computed as PEFT does at init (adapters in the base weight's dtype,
+        fp16 products in fp32), then kept in the adapter's dtype: the layer's output is unchanged at step 0."""
+        W = self.base_weight()
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        with torch.no_grad():
+            if W.dtype == torch.float16:
+                lw = (B.float() @ A.float()).half()
+            else:
+                lw = B.to(W.dtype) @ A.to(W.dtype)
+            norm = torch.linalg.norm(W + self.scaling[name] * lw, dim=1)
+        return norm.to(A.dtype)
 
     # -- adapters
     def set_active(self, names: list[str]) -> None:
@@ -192,7 +248,7 @@ class LoraLayer(AdapterLayer):
         if name in self.merged_adapters:
             self._set_merged([n for n in self.merged_adapters if n != name])
         super().delete_adapter(name)
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self._dora_norms):
             d.pop(name, None)
         self._stack_cache = None
 
@@ -222,19 +278,83 @@ class LoraLayer(AdapterLayer):
             A, B = A.to(x.dtype), B.to(x.dtype)
         if base_dtype and A.dtype == x.dtype and not args and not kwargs:
             # One op call for the base GEMM and the first adapter; further adapters add their delta.
-            result = ops.lora_linear(
-                x, weight, bias, A, B, self.scaling[first], dropout_p=self._dropout_p(first), training=self.training
-            )
+            if first not in self.lora_magnitude_vector:
+                result = ops.lora_linear(
+                    x, weight, bias, A, B, self.scaling[first], dropout_p=self._dropout_p(first),
+                    training=self.training
+                )
+            elif self._dora_dropout_active(first):  # PEFT's dropout form needs x_d W^T: not one fused GEMM
+                result = self._dora_add(first, x, self.base_layer(x), x.dtype if cast else None).to(x.dtype)
+            else:
+                result = dora_linear(x, weight, bias, A, B, self.scaling[first],
+                                     self.lora_magnitude_vector[first].weight, self.dora_weight_norm(first))
             for n in names[1:]:
-                delta = self._delta(n, x, x.dtype) if cast else self._delta(n, x.to(self.lora_A[n].weight.dtype))
+                xn = x if cast else x.to(self.lora_A[n].weight.dtype)
+                if n in self.lora_magnitude_vector:
+                    result = self._dora_add(n, xn, result, x.dtype if cast else None).to(result.dtype)
+                    continue
+                delta = self._delta(n, x, x.dtype) if cast else self._delta(n, xn)
                 result = result + delta.to(result.dtype)
             return result
         # PEFT's cast: base in x's dtype, each LoRA branch in its adapter's dtype, the sum back to the base dtype.
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for n in names:
-            result = result + self._delta(n, x.to(self.lora_A[n].weight.dtype))
+            xn = x.to(self.lora_A[n].weight.dtype)
+            if n in self.lora_magnitude_vector:
+                result = self._dora_add(n, xn, result)
+            else:
+                result = result + self._delta(n, xn)
         return result.to(out_dtype)
+
+    # -- DoRA
+    def _dora_dropout_active(self, name: str) -> bool:
+        """PEFT reuses the base output for DoRA only when the adapter has no dropout or the layer is in eval."""
+        return self.training and not isinstance(self.lora_dropout[name], nn.Identity)
+
+    def dora_weight_norm(self, name: str) -> torch.Tensor:
+        """||W_i + s (B A)_i|| of DoRA adapter `name` for the current base weight: (N,), fp32 (fp64 for fp64
+        weights), no gradient. Computed without the (N, K) delta from the cached ||W_i||^2; cached until W, A, B or
+        the scaling change."""
+        w = self.base_layer.weight
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        s = self.scaling[name]
+        wkey = _tensor_key(w)
+        key = (wkey, _tensor_key(A), _tensor_key(B), s)
+        hit = self._dora_norms.get(name)
+        # a norm made under inference_mode cannot be saved for backward later: recompute it outside
+        if hit is not None and hit[0] == key and (torch.is_inference_mode_enabled() or not hit[1].is_inference()):
+            return hit[1]
+        dtype = torch.promote_types(torch.promote_types(torch.float32, w.dtype), torch.promote_types(A.dtype, B.dtype))
+        with torch.no_grad():
+            wsq = self._dora_wsq[1] if self._dora_wsq is not None and self._dora_wsq[0] == (wkey, dtype) else None
+            if wsq is None:
+                wsq = dora_weight_sq_ref(self.base_weight(), dtype)
+                self._dora_wsq = ((wkey, dtype), wsq)
+            norm = dora_norm_ref(self.base_weight(), A, B, s, wsq)
+        self._dora_norms[name] = (key, norm)
+        return norm
+
+    def _dora_add(self, name: str, x: torch.Tensor, result: torch.Tensor,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """result + DoRA adapter `name`'s term, PEFT's DoraLinearLayer.forward: (c - 1) * base + c * s * x A^T B^T
+        with base = result - b (no dropout or eval), else base = x_d W^T on the dropped-out input x_d.
+
+        x: (..., K) in the adapter's dtype, or in `dtype` (the adapter weights are then cast to it: kernel path).
+        """
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if dtype is not None:
+            A, B = A.to(dtype), B.to(dtype)
+        magnitude = self.lora_magnitude_vector[name].weight
+        c = magnitude / self.dora_weight_norm(name).to(magnitude.dtype)
+        if self._dora_dropout_active(name):
+            x = self.lora_dropout[name](x)
+            base = F.linear(x, self.base_weight().to(x.dtype))
+        else:
+            bias = self.base_layer.bias
+            base = result - bias if bias is not None else result
+        lora = F.linear(F.linear(x, A), B)
+        return result + ((c - 1) * base + c * lora * self.scaling[name])
 
     def _delta(self, name: str, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """s * dropout(x) A^T B^T for adapter `name`; x: (..., K) -> (..., N). The weights are used in `dtype`
@@ -347,9 +467,18 @@ class LoraLayer(AdapterLayer):
             else:
                 if self._orig_weight is None:
                     self._orig_weight = w.detach().clone()
-                total = self._orig_weight.float()
+                orig = self._orig_weight.float()
+                total = orig
                 for n in names:
-                    total = total + self.delta_weight(n).to(total.device)
+                    delta = self.delta_weight(n).to(total.device)
+                    if n in self.lora_magnitude_vector:
+                        # PEFT: W <- c * (W + delta), c = m / ||W_orig + delta|| (rows of the (N, K) weight)
+                        dim = 0 if self.fan_in_fan_out else 1
+                        norm = torch.linalg.vector_norm(orig + delta, dim=dim, keepdim=True)
+                        m = self.lora_magnitude_vector[n].weight.float().to(total.device)
+                        total = (m.view_as(norm) / norm) * (total + delta)
+                    else:
+                        total = total + delta
                 if not torch.isfinite(total).all():
                     raise ValueError(f"merging adapters {names} gives non-finite weights: an adapter holds NaN/inf")
                 w.copy_(total.to(w.dtype))
@@ -408,10 +537,15 @@ class LoraMethod(LayerMethod):
         yield from self._bias_params(am, name).values()
 
     def state_dict(self, am: AdapterModel, name: str) -> dict[str, torch.Tensor]:
-        out = super().state_dict(am, name)
+        # PEFT saves DoRA's magnitude as `<target>.lora_magnitude_vector` (no ".weight": its pre-0.12 layout)
+        out = {_DORA_RE.sub(".lora_magnitude_vector", k): v for k, v in super().state_dict(am, name).items()}
         for path, p in self._bias_params(am, name).items():
             out[PEFT_PREFIX + path] = p.detach()
         return out
+
+    def load_state_dict(self, am: AdapterModel, name: str, state: dict[str, torch.Tensor]) -> None:
+        state = {k + ".weight" if k.endswith(".lora_magnitude_vector") else k: v for k, v in state.items()}
+        super().load_state_dict(am, name, state)
 
     def load_extra(self, am: AdapterModel, key: str, tensor: torch.Tensor) -> None:
         """Base biases saved with bias="all" / "lora_only" (by us or PEFT) are copied into the base model."""
@@ -489,6 +623,10 @@ class LoraMethod(LayerMethod):
         if batch is not None and len(names) != batch:
             raise ValueError(f"adapter_names has {len(names)} names but the batch has {batch} sequences: pass one "
                              f"name per sequence ({BASE_ADAPTER!r} for no adapter)")
+        dora = sorted({n for n in names if n != BASE_ADAPTER and getattr(am.peft_config[n], "use_dora", False)})
+        if dora:
+            raise ValueError(f"adapter_names names DoRA adapter(s) {dora}: mixed-adapter batches do not support DoRA "
+                             "(PEFT refuses them too); run DoRA adapters with set_adapter(...) instead")
         layers = [layer for _, layer in self.layers(am)]
         merged = sorted({n for layer in layers for n in layer.merged_adapters})
         if merged:
