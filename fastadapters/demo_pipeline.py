@@ -281,7 +281,7 @@ def run_demo(out_dir: str, fast: bool = False, device: str | None = None) -> Dem
                 "--max_steps", str(settings.max_steps), "--learning_rate", str(settings.learning_rate),
                 "--cutoff_len", "128", "--val_set_size", "0", "--warmup_steps", str(min(10, settings.max_steps // 5)),
                 "--save_step", str(settings.max_steps), "--save_total_limit", "1", "--logging_steps", "5",
-                "--train_on_inputs", "false", "--seed", "0", *extra]
+                "--train_on_inputs", "false", "--seed", "0", "--overwrite_output_dir", *extra]  # demo: rerunnable
         if not device.startswith("cuda"):
             argv += ["--use_cpu"]
         print(f"[demo] training {label}: fastadapters train " + " ".join(argv))

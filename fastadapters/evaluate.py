@@ -139,9 +139,9 @@ def evaluate_records(model: Any, tokenizer: Any, records: Sequence[dict[str, Any
                     pred = None
                 rows[i] = {"dataset": task.name, "index": i, "prompt": prompts[i], "generation": g,
                            "prediction": pred, "answer": records[i]["answer"], "correct": bool(ok)}
-            bar.update(len(idx))
             done = start + len(idx)
             bar.set_postfix(acc=f"{correct / done:.3f}", refresh=False)
+            bar.update(len(idx))  # after the postfix, so each redraw (and the last) shows the accuracy so far
     finally:
         bar.close()
         model.train(was_training)

@@ -32,6 +32,30 @@ import torch
 ADAPTER_NAMES = ("lora", "bottleneck", "prefix-tuning", "prompt-tuning")
 COMPLETE_MARKER = "fastadapters_checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
+DEFAULT_VAL_SET_SIZE = 2000  # upstream's; without an explicit --val_set_size it is capped at a fifth of the data
+
+
+class InputError(SystemExit):
+    """A bad argument or input file. `fastadapters train` prints it as one line and exits with code 2 (before the
+    model loads); `str(error)` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _DefaultInt(int):
+    """An int default that remembers it was not given on the command line (compares equal to the plain int)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2, as argparse), pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -79,7 +103,7 @@ def _scaling(value: str) -> float | str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `fastadapters train` (upstream finetune.py's names and defaults)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fastadapters train", description="Fine-tune a causal LM with an adapter on LLM-Adapters JSON data "
         "(same arguments as LLM-Adapters' finetune.py).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_epochs", type=float, default=3)
     g.add_argument("--learning_rate", type=float, default=3e-4)
     g.add_argument("--cutoff_len", type=int, default=256)
-    g.add_argument("--val_set_size", type=int, default=2000)
+    g.add_argument("--val_set_size", type=int, default=_DefaultInt(DEFAULT_VAL_SET_SIZE),
+                   help="validation records held out; the default is capped at a fifth of the data")
     g.add_argument("--use_gradient_checkpointing", default=False, **flag)
     g.add_argument("--eval_step", type=int, default=200)
     g.add_argument("--save_step", type=int, default=200)
@@ -133,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume_from_checkpoint", default=None,
                    help="a checkpoint-N folder, 'last' (the newest complete one in output_dir), or an adapter "
                         "folder (weights only, training restarts at step 0 as upstream)")
+    g.add_argument("--overwrite_output_dir", default=False,
+                   help="replace a previous run in --output_dir (its checkpoints and adapter); without it, "
+                        "training into a folder that holds a run stops", **flag)
     g = p.add_argument_group("fastadapters additions")
     g.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
     g.add_argument("--warmup_steps", type=int, default=100)
@@ -161,10 +189,10 @@ def _require_bitsandbytes(what: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise SystemExit(f"{what} needs bitsandbytes, which is not installed: `pip install bitsandbytes` (needs a "
+        raise InputError(f"{what} needs bitsandbytes, which is not installed: `pip install bitsandbytes` (needs a "
                          "CUDA GPU), or drop the flag to train in 16/32 bit") from None
     if not torch.cuda.is_available():
-        raise SystemExit(f"{what} with bitsandbytes needs a CUDA GPU; none is visible. Drop the flag on CPU.")
+        raise InputError(f"{what} with bitsandbytes needs a CUDA GPU; none is visible. Drop the flag on CPU.")
 
 
 def _split_gguf(path: str) -> tuple[str, dict[str, Any]]:
@@ -179,9 +207,9 @@ def load_base_model(base_model: str, *, load_8bit: bool = False, load_4bit: bool
     import transformers as tf
 
     if not base_model:
-        raise SystemExit("please give --base_model, e.g. --base_model HuggingFaceTB/SmolLM2-135M or a local folder")
+        raise InputError("please give --base_model, e.g. --base_model HuggingFaceTB/SmolLM2-135M or a local folder")
     if load_8bit and load_4bit:
-        raise SystemExit("--load_8bit and --load_4bit are exclusive: pick one")
+        raise InputError("--load_8bit and --load_4bit are exclusive: pick one")
     path, extra = _split_gguf(base_model)
     kwargs: dict[str, Any] = dict(dtype=dtype, **extra)
     if load_8bit or load_4bit:
@@ -204,7 +232,7 @@ def load_tokenizer(base_model: str, padding_side: str = "left") -> Any:
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
     if tok.pad_token_id is None:
-        raise SystemExit(f"the tokenizer of {base_model} has no pad, unk or eos token; add one to it")
+        raise InputError(f"the tokenizer of {base_model} has no pad, unk or eos token; add one to it")
     tok.padding_side = padding_side
     return tok
 
@@ -221,7 +249,7 @@ def _prepare_kbit(model: torch.nn.Module) -> None:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing on the transformers model (non-reentrant, so frozen inputs need no grad)."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise SystemExit(f"{type(model).__name__} does not support gradient checkpointing; drop "
+        raise InputError(f"{type(model).__name__} does not support gradient checkpointing; drop "
                          "--use_gradient_checkpointing")
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -238,21 +266,151 @@ def build_adapter_config(args: argparse.Namespace) -> Any:
     targets = _module_list(args.target_modules)
     if args.adapter_name == "lora":
         if lora_targets and targets and lora_targets != targets:
-            raise SystemExit(f"--lora_target_modules {lora_targets} and --target_modules {targets} disagree; "
+            raise InputError(f"--lora_target_modules {lora_targets} and --target_modules {targets} disagree; "
                              "give one of them (they are aliases for LoRA)")
         return fa.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=lora_targets or targets, bias="none")
     if lora_targets:
-        raise SystemExit(f"--lora_target_modules applies to LoRA only; for {args.adapter_name} use --target_modules")
+        raise InputError(f"--lora_target_modules applies to LoRA only; for {args.adapter_name} use --target_modules")
     if args.adapter_name == "bottleneck":
         return fa.BottleneckConfig(bottleneck_size=args.bottleneck_size, non_linearity=args.non_linearity,
                                    adapter_dropout=args.adapter_dropout, use_parallel_adapter=args.use_parallel_adapter,
                                    use_adapterp=args.use_adapterp, scaling=args.scaling, target_modules=targets)
     if targets:
-        raise SystemExit(f"--target_modules does not apply to {args.adapter_name}")
+        raise InputError(f"--target_modules does not apply to {args.adapter_name}")
     if args.adapter_name == "prefix-tuning":
         return fa.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens)
     return fa.PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens)
+
+
+# ---------------------------------------------------------------- checking the input before the model loads
+
+def _looks_like_path(name: str) -> bool:
+    """A --base_model that is meant as a local path (a Hugging Face id is `name` or `org/name`)."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith((".gguf", ".safetensors", ".bin", ".json")))
+
+
+def check_base_model(base_model: str) -> None:
+    """Fail fast on a --base_model that cannot be a model: empty, or a path that does not exist / is no model."""
+    if not base_model:
+        raise InputError("please give --base_model, e.g. --base_model HuggingFaceTB/SmolLM2-135M or a local folder")
+    path = os.path.expanduser(base_model)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise InputError(f"--base_model {base_model} is a file; give a model folder (with config.json) or a "
+                             ".gguf file")
+        return
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"--base_model {base_model} has no config.json: not a transformers model folder")
+        return
+    if _looks_like_path(base_model):
+        raise InputError(f"--base_model {base_model}: no such folder; give an existing model folder or a Hugging "
+                         "Face model id such as HuggingFaceTB/SmolLM2-135M")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check on the numbers and flags of `args` that needs no file: raises InputError (one line)."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise InputError(message)
+
+    need(args.micro_batch_size > 0 and args.batch_size > 0,
+         f"--batch_size {args.batch_size} and --micro_batch_size {args.micro_batch_size} must be > 0")
+    need(args.cutoff_len > 0, f"--cutoff_len {args.cutoff_len} must be a positive number of tokens (upstream: 256)")
+    need(args.learning_rate > 0, f"--learning_rate {args.learning_rate} must be > 0")
+    need(args.max_steps > 0 or args.num_epochs > 0,
+         f"--num_epochs {args.num_epochs} must be > 0 (or give --max_steps)")
+    need(args.val_set_size >= 0, f"--val_set_size {args.val_set_size} must be >= 0 (0: no validation)")
+    need(args.eval_step > 0 and args.save_step > 0,
+         f"--eval_step {args.eval_step} and --save_step {args.save_step} must be > 0")
+    need(args.save_total_limit is None or args.save_total_limit > 0,
+         f"--save_total_limit {args.save_total_limit} must be > 0")
+    if args.adapter_name == "lora":
+        need(args.lora_r > 0, f"--lora_r {args.lora_r} must be a positive rank (e.g. 8)")
+        need(args.lora_alpha > 0, f"--lora_alpha {args.lora_alpha} must be > 0 (e.g. 2 * lora_r)")
+        need(0 <= args.lora_dropout < 1, f"--lora_dropout {args.lora_dropout} must be in [0, 1)")
+    elif args.adapter_name == "bottleneck":
+        need(args.bottleneck_size > 0, f"--bottleneck_size {args.bottleneck_size} must be > 0")
+        need(0 <= args.adapter_dropout < 1, f"--adapter_dropout {args.adapter_dropout} must be in [0, 1)")
+        need(not (args.use_parallel_adapter and args.use_adapterp),
+             "--use_parallel_adapter and --use_adapterp are exclusive: pick one")
+    else:
+        need(args.num_virtual_tokens > 0, f"--num_virtual_tokens {args.num_virtual_tokens} must be > 0")
+    need(not (args.load_8bit and args.load_4bit), "--load_8bit and --load_4bit are exclusive: pick one")
+
+
+def previous_run(output_dir: str) -> list[str]:
+    """What in `output_dir` belongs to an earlier training run: checkpoint-N folders, adapter / trainer files."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = sorted(os.listdir(output_dir), key=lambda n: (_checkpoint_step(n) is None, _checkpoint_step(n) or 0, n))
+    run_files = {"adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", TRAINER_STATE,
+                 "model.safetensors", "training_args.bin"}
+    return [n for n in names if _checkpoint_step(n) is not None or n in run_files]
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resuming: bool, resume_requested: bool = False) -> None:
+    """Refuse to train into a folder that holds another run, unless resuming it or told to overwrite it
+    (as transformers' example scripts do)."""
+    found = previous_run(output_dir)
+    if found and not overwrite and not resuming:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        if resume_requested:
+            raise InputError(f"--output_dir {output_dir} holds a previous run ({shown}) with no complete checkpoint "
+                             "to resume; replace it with --overwrite_output_dir or pick another --output_dir")
+        raise InputError(f"--output_dir {output_dir} holds a previous run ({shown}); continue it with "
+                         "--resume_from_checkpoint last, replace it with --overwrite_output_dir, or pick another "
+                         "--output_dir")
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete what previous_run(output_dir) lists (for --overwrite_output_dir); returns the names removed."""
+    import shutil
+
+    found = previous_run(output_dir)
+    for name in found:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    return found
+
+
+def effective_val_set_size(val_set_size: int, n_records: int) -> tuple[int, str | None]:
+    """(records to hold out, a note or None). An explicit size must leave training data; upstream's default 2000
+    is capped at a fifth of the data (so `--val_set_size` can be left out on small datasets)."""
+    if isinstance(val_set_size, _DefaultInt):
+        cap = n_records // 5
+        if val_set_size > cap:
+            return cap, (f"--val_set_size defaults to {int(val_set_size)} but the data has {n_records} records: "
+                         f"holding out {cap} (a fifth); pass --val_set_size to choose")
+        return int(val_set_size), None
+    if val_set_size >= n_records:
+        raise InputError(f"--val_set_size {val_set_size} but the data has only {n_records} records: pass a smaller "
+                         "--val_set_size (0: no validation)")
+    return int(val_set_size), None
+
+
+def load_data(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """(train records, validation records, note) of --data_path; a missing file or a bad shape is an InputError."""
+    from .data import load_records, train_val_split
+
+    path = os.path.expanduser(str(args.data_path))
+    if not os.path.exists(path) and (_looks_like_path(path) or path.endswith(".jsonl") or "/" not in path):
+        raise InputError(f"--data_path {args.data_path}: no such file or folder; give an LLM-Adapters .json/.jsonl "
+                         "file, a folder with train.json, or a Hugging Face dataset name (org/name)")
+    try:
+        records = load_records(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--data_path {args.data_path}: {e}") from None
+    if not records:
+        raise InputError(f"--data_path {args.data_path} holds no records")
+    val_size, note = effective_val_set_size(args.val_set_size, len(records))
+    train_records, val_records = train_val_split(records, val_size, seed=args.seed)
+    return train_records, val_records, note
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -280,9 +438,13 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def _resume_requested(resume: str | None) -> bool:
+    return resume is not None and str(resume).strip().lower() not in ("", "none", "false", "0", "no")
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> tuple[str | None, str | None]:
     """(trainer checkpoint to resume, adapter folder to load weights from) for --resume_from_checkpoint."""
-    if resume is None or str(resume).strip().lower() in ("", "none", "false", "0", "no"):
+    if not _resume_requested(resume):
         return None, None
     if str(resume).strip().lower() in ("true", "last", "latest", "1", "yes"):
         last = last_complete_checkpoint(output_dir)
@@ -291,13 +453,13 @@ def resolve_resume(resume: str | None, output_dir: str) -> tuple[str | None, str
         return last, None
     path = os.fspath(resume)
     if not os.path.isdir(path):
-        raise SystemExit(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder, 'last', "
+        raise InputError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder, 'last', "
                          "or an adapter folder")
     if os.path.isfile(os.path.join(path, TRAINER_STATE)):
         if not is_complete_checkpoint(path):
             if not _looks_whole(path):
                 last = last_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
-                raise SystemExit(f"{path} is incomplete (the run stopped while saving it); resume from "
+                raise InputError(f"{path} is incomplete (the run stopped while saving it); resume from "
                                  f"{last or 'scratch'} instead, or pass --resume_from_checkpoint last")
             print(f"[fastadapters] {path} has no completion marker (not written by fastadapters train?); its files "
                   "look whole, resuming from it")
@@ -307,7 +469,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> tuple[str | None, str
     last = last_complete_checkpoint(path)
     if last is not None:
         return last, None
-    raise SystemExit(f"{path} holds neither a training checkpoint (trainer_state.json) nor an adapter "
+    raise InputError(f"{path} holds neither a training checkpoint (trainer_state.json) nor an adapter "
                      "(adapter_model.safetensors)")
 
 
@@ -395,20 +557,26 @@ def _trainer_classes() -> tuple[type, type, type]:
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                                 dynamic_ncols=True)
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-            if self.bar is None:
-                return
-            self.bar.update(state.global_step - self.bar.n)
+        def _show(self, state: Any, refresh: bool) -> None:
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
             post = {"tok/s": f"{(state.num_input_tokens_seen - self.tok0) / elapsed:,.0f}"}
             if self.loss is not None:
                 post = {"loss": f"{self.loss:.4f}", **post}
             self.bar.set_postfix(post, refresh=False)
+            self.bar.update(state.global_step - self.bar.n)  # draws the new postfix with the new count
+            if refresh:
+                self.bar.refresh()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.bar is not None:
+                self._show(state, refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             logs = logs or {}
             if "loss" in logs:
                 self.loss = float(logs["loss"])
+                if self.bar is not None:  # the loss logged at this step, shown now, not one interval later
+                    self._show(state, refresh=True)
             if "eval_loss" in logs and state.is_world_process_zero:
                 msg = f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}"
                 (self.bar.write if self.bar is not None else print)(msg)
@@ -456,21 +624,34 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, 
     output_dir). `callbacks` are extra transformers TrainerCallbacks."""
     import transformers as tf
 
-    from .data import CausalLMCollator, TokenizedDataset, load_records, tokenize_records, train_val_split
+    from .data import CausalLMCollator, TokenizedDataset, tokenize_records
     from .model import get_adapter_model
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     ddp = world_size != 1
     rank = int(os.environ.get("RANK", 0))
     say = print if rank == 0 else (lambda *a, **k: None)
-    if not args.base_model:
-        raise SystemExit("please give --base_model, e.g. --base_model HuggingFaceTB/SmolLM2-135M or a local folder")
-    if args.micro_batch_size <= 0 or args.batch_size <= 0:
-        raise SystemExit(f"--batch_size {args.batch_size} and --micro_batch_size {args.micro_batch_size} must be > 0")
+
+    # every input check first: a bad argument or file costs no model load (minutes on a 7B model)
+    check_base_model(args.base_model)
+    check_args(args)
+    config = build_adapter_config(args)
+    resume_checkpoint, resume_weights = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args.output_dir, getattr(args, "overwrite_output_dir", False), resume_checkpoint is not None,
+                     resume_requested=_resume_requested(args.resume_from_checkpoint) and resume_weights is None)
+    train_records, val_records, split_note = load_data(args)
+    if not train_records:
+        raise InputError(f"--data_path {args.data_path} leaves no training records after the validation split")
     grad_accum = max(1, args.batch_size // args.micro_batch_size)
     if ddp:
         grad_accum = max(1, grad_accum // world_size)
     say("Finetuning model with params:\n" + "\n".join(f"{k}: {v}" for k, v in vars(args).items()))
+    if split_note:
+        say(f"[fastadapters] {split_note}")
+    if getattr(args, "overwrite_output_dir", False) and resume_checkpoint is None and rank == 0:
+        removed = clear_previous_run(args.output_dir)
+        if removed:
+            say(f"[fastadapters] --overwrite_output_dir: removed the previous run's {', '.join(removed)}")
 
     # wandb: on only when asked for (argument or WANDB_PROJECT) and installed
     use_wandb = bool(args.wandb_project) or bool(os.environ.get("WANDB_PROJECT"))
@@ -488,37 +669,31 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, 
     use_cpu = args.use_cpu or not torch.cuda.is_available()
     dtype = resolve_dtype(args.dtype, use_cpu)
     kbit = args.load_8bit or args.load_4bit
-    model = load_base_model(args.base_model, load_8bit=args.load_8bit, load_4bit=args.load_4bit, dtype=dtype)
+    if kbit:
+        _require_bitsandbytes("--load_8bit" if args.load_8bit else "--load_4bit")
     tokenizer = load_tokenizer(args.base_model)
+    tok_kw = dict(cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
+    train_data = TokenizedDataset(tokenize_records(tokenizer, train_records, **tok_kw))
+    val_data = TokenizedDataset(tokenize_records(tokenizer, val_records, **tok_kw)) if val_records else None
+
+    model = load_base_model(args.base_model, load_8bit=args.load_8bit, load_4bit=args.load_4bit, dtype=dtype)
     if kbit:
         _prepare_kbit(model)
     if args.use_gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.config.use_cache = False
 
-    config = build_adapter_config(args)
     tf.set_seed(args.seed)  # the adapter's initial weights depend on --seed only
     model = get_adapter_model(model, config)
     for p in model.adapter_parameters():  # AMP needs float32 master weights for what trains
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
-    if kbit:
-        model._hf_peft_config_loaded = True  # tells Trainer that adapters sit on the quantized model
 
-    resume_checkpoint, resume_weights = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if resume_weights:
         say(f"Restarting from adapter weights in {resume_weights} (training state starts at step 0)")
         load_adapter_weights(model, resume_weights)
     if rank == 0:
         model.print_trainable_parameters()
-
-    records = load_records(args.data_path)
-    train_records, val_records = train_val_split(records, args.val_set_size, seed=args.seed)
-    tok_kw = dict(cutoff_len=args.cutoff_len, train_on_inputs=args.train_on_inputs)
-    train_data = TokenizedDataset(tokenize_records(tokenizer, train_records, **tok_kw))
-    val_data = TokenizedDataset(tokenize_records(tokenizer, val_records, **tok_kw)) if val_records else None
-    if len(train_data) == 0:
-        raise SystemExit(f"{args.data_path} gives no training records after the validation split")
 
     half: dict[str, bool] = {}
     if not use_cpu and dtype != torch.float32:
@@ -575,8 +750,16 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fastadapters train` / `python -m fastadapters.train`; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    train(args)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, already printed in one line)
+        return int(e.code or 0)
+    try:
+        train(args)
+    except InputError as e:  # bad input: one line, no traceback; real crashes keep theirs
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -239,3 +239,132 @@ def test_conflicting_targets_and_bool_flags():
 def test_kbit_without_bitsandbytes_says_what_to_install(setup, flag):
     with pytest.raises(SystemExit, match="pip install bitsandbytes"):
         load_base_model(setup[1], **{flag: True})
+
+
+# ---------------------------------------------------------------- a previous run is never destroyed silently
+
+def _main(argv, capsys):
+    from fastadapters.train import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_output_dir_with_a_previous_run_refuses_unless_resumed_or_overwritten(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = _argv(setup, out, "lora", "--max_steps", "2", "--val_set_size", "0")
+    assert _main(argv, capsys)[0] == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert (out / "checkpoint-2").is_dir()
+
+    code, cap = _main(argv, capsys)  # the same command again: refused, nothing touched
+    assert code == 2
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "holds a previous run" in err and "checkpoint-2" in err and "adapter_model.safetensors" in err
+    assert "--overwrite_output_dir" in err and "--resume_from_checkpoint last" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # resuming the finished run is allowed (nothing left to do: step 2 of 2)
+    assert _main([*argv, "--resume_from_checkpoint", "last"], capsys)[0] == 0
+    # overwriting replaces it: the old checkpoints are gone, the new run's are there
+    code, cap = _main([*argv[:-2], "--val_set_size", "0", "--max_steps", "1", "--save_step", "1",
+                       "--overwrite_output_dir"], capsys)
+    assert code == 0 and "removed the previous run's" in cap.out
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1"]
+
+
+# ---------------------------------------------------------------- input errors: one line, exit 2, no model load
+
+def _bad_inputs(root, model):
+    data = str(root / "data" / "train.json")
+    (root / "bad").mkdir(exist_ok=True)
+    (root / "bad" / "dict.json").write_text('{"instruction": "a single record, not a list"}')
+    (root / "bad" / "noinstr.json").write_text('[{"input": "x", "output": "y"}]')
+    (root / "bad" / "broken.json").write_text('[{"instruction": ')
+    (root / "bad" / "empty").mkdir(exist_ok=True)
+    return {
+        "missing-data": (["--data_path", str(root / "nope" / "train.json")], "no such file"),
+        "json-not-a-list": (["--data_path", str(root / "bad" / "dict.json")], "expected a list of records"),
+        "record-without-instruction": (["--data_path", str(root / "bad" / "noinstr.json")], "no 'instruction'"),
+        "broken-json": (["--data_path", str(root / "bad" / "broken.json")], "not valid JSON"),
+        "rank-0": (["--lora_r", "0"], "--lora_r 0 must be a positive rank"),
+        "lora-dropout-1.5": (["--lora_dropout", "1.5"], r"--lora_dropout 1.5 must be in \[0, 1\)"),
+        "adapter-dropout-neg": (["--adapter_name", "bottleneck", "--adapter_dropout", "-0.1"], "--adapter_dropout"),
+        "val-set-too-big": (["--val_set_size", "500"], "only 20 records"),
+        "adapter-type": (["--adapter_name", "loha"], "invalid choice: 'loha'"),
+        "base-model-missing-path": (["--base_model", str(root / "no-such-model")], "no such folder"),
+        "base-model-relative-path": (["--base_model", "./models/llama-7b-hf"], "no such folder"),
+        "base-model-not-a-model": (["--base_model", str(root / "bad" / "empty")], "no config.json"),
+        "cutoff-0": (["--cutoff_len", "0"], "--cutoff_len 0"),
+        "no-base-model": (["--base_model", ""], "please give --base_model"),
+    }, data, model
+
+
+BAD = ["missing-data", "json-not-a-list", "record-without-instruction", "broken-json", "rank-0", "lora-dropout-1.5",
+       "adapter-dropout-neg", "val-set-too-big", "adapter-type", "base-model-missing-path",
+       "base-model-relative-path", "base-model-not-a-model", "cutoff-0", "no-base-model"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_input_errors_fail_in_one_line_before_the_model_loads(setup, tmp_path, case, capsys, monkeypatch):
+    import fastadapters.train as ft
+
+    def no_load(*a, **k):
+        raise AssertionError("the model (or tokenizer) was loaded before the input was checked")
+
+    monkeypatch.setattr(ft, "load_base_model", no_load)
+    monkeypatch.setattr(ft, "load_tokenizer", no_load)
+    cases, data, model = _bad_inputs(*setup)
+    extra, match = cases[case]
+    argv = _argv(setup, tmp_path / "out", "lora") + extra  # later arguments win
+    code, cap = _main(argv, capsys)
+    assert code == 2
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("fastadapters train: error: ")
+    assert __import__("re").search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_real_crashes_keep_their_traceback(setup, tmp_path, monkeypatch):
+    import fastadapters.train as ft
+
+    def crash(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ft, "load_base_model", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ft.main(_argv(setup, tmp_path / "out", "lora"))
+
+
+def test_default_val_set_size_is_capped_at_a_fifth_with_a_note(setup):
+    from fastadapters.train import effective_val_set_size, load_data
+
+    args = build_parser().parse_args(["--data_path", str(setup[0] / "data" / "train.json")])
+    assert args.val_set_size == 2000
+    train_records, val_records, note = load_data(args)
+    assert (len(train_records), len(val_records)) == (16, 4)
+    assert "defaults to 2000 but the data has 20 records: holding out 4" in note
+    assert effective_val_set_size(args.val_set_size, 50_000) == (2000, None)  # upstream's default where it fits
+    assert effective_val_set_size(7, 20) == (7, None)  # explicit sizes are kept
+    with pytest.raises(SystemExit, match="only 20 records"):
+        effective_val_set_size(20, 20)
+
+
+# ---------------------------------------------------------------- progress bar
+
+def test_progress_bar_shows_the_last_logged_loss(setup, tmp_path, capsys):
+    losses = []
+
+    class Record(tf.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    argv = _argv(setup, tmp_path / "run", "lora", "--val_set_size", "0", "--progress", "true")
+    _run(argv, callbacks=[Record()])
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()
+    bar = [line for line in final if line.startswith("train")][-1]
+    assert len(losses) == 3 and f"loss={losses[-1]:.4f}" in bar, (losses, bar)
