@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,6 +83,7 @@ class Launch:
     kwargs: dict
     num_warps: int
     num_stages: int
+    info: dict = field(default_factory=dict, compare=False)  # for benchmarks/static.py: {"main_loop": True, ...}
 
     def __call__(self) -> None:
         self.kernel[self.grid](**self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
