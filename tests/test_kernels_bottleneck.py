@@ -20,25 +20,19 @@ import pytest
 pytest.importorskip("triton")
 
 import fastadapters as fa  # noqa: E402
-from fastadapters.kernels import bottleneck as K  # noqa: E402
+from fastadapters.kernels import bottleneck_launch as K  # noqa: E402
 from fastadapters.kernels.bottleneck_ref import bottleneck_ref  # noqa: E402
 from fastadapters.ops import bottleneck_triton as bt  # noqa: E402
 from fastadapters.ops._registry import KernelUnavailableError  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.usefixtures("nan_poison", "no_autotune")
+pytestmark = pytest.mark.usefixtures("nan_poison")
 
 # |kernel - ref_hi| <= 2 |ref_lo - ref_hi| + ATOL * max|ref_hi|, per tensor (max norms). ATOL covers what the
 # reference in low precision does not round and the kernel does: bf16/fp16 dot operands (act(pre) and g) and fp32
 # accumulation order; fp32 has no low-precision reference to lean on (ref_lo is fp32 itself).
 ATOL = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}
 GRADS = ("h", "down_weight", "up_weight", "down_bias", "up_bias", "residual", "scale")
-
-
-@pytest.fixture
-def no_autotune(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Never autotune inside a test: a GPU takes the first config of each list (the CPU, the interpreter tile)."""
-    monkeypatch.setenv("FASTADAPTERS_TRITON_AUTOTUNE", "0")
 
 
 def make_case(M=37, d_in=72, d_out=None, b=5, dtype=torch.float32, wdtype=None, biases=True, residual=False,
@@ -85,7 +79,12 @@ def run_ref(case: dict, activation: str, *, mask: torch.Tensor | None = None, sc
     leaves = _leaves(case)
     ins = {n: (t.detach().double().requires_grad_() if upcast else t) for n, t in leaves.items()}
     s = ins["scale"] if "scale" in ins else scaling
-    y = bottleneck_ref(ins["h"], ins["down_weight"], ins["up_weight"], activation, s, ins.get("residual"),
+    wd, wu = ins["down_weight"], ins["up_weight"]
+    if not upcast and ins["h"].dtype in (torch.bfloat16, torch.float16) and wd.dtype != ins["h"].dtype:
+        # fp32 master weights on a 16-bit model: the kernel path uses them in the activation dtype (as the LoRA
+        # layers do), so the low-precision reference rounds them too (a differentiable cast: fp32 gradients)
+        wd, wu = wd.to(ins["h"].dtype), wu.to(ins["h"].dtype)
+    y = bottleneck_ref(ins["h"], wd, wu, activation, s, ins.get("residual"),
                        ins.get("down_bias"), ins.get("up_bias"), None if mask is None else mask.to(DEV))
     dy = case["dy"].double() if upcast else case["dy"]
     grads = torch.autograd.grad(y, list(ins.values()), dy)
@@ -273,6 +272,112 @@ def test_dropout_without_seed_draws_a_fresh_one_from_torch():
     torch.testing.assert_close(y1, y_ref, rtol=1e-5, atol=1e-5)
     for n in g_ref:
         torch.testing.assert_close(g1[n], g_ref[n], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ determinism, configs
+def test_weight_grads_bitwise_reproducible():
+    """Two backward runs give bitwise equal weight and bias gradients: the wgrad split over M (here 2 partial sums,
+    so the reduction order matters) is a function of the arch and the M bucket, never of a timing race."""
+    case = make_case(M=100, d_in=72, b=5, seed=18)
+    leaves = _leaves(case)
+    with K.record_launches() as rec:  # what the launch would be, on meta copies: a real split over M
+        meta = {n: t.detach().to("meta") for n, t in case.items() if isinstance(t, torch.Tensor)}
+        _, pre, a = K.bottleneck_fwd(meta["h"], meta["down_weight"], meta["up_weight"], None, None, None, None,
+                                     1.0, "tanh")
+        K.bottleneck_bwd(meta["dy"], meta["h"], meta["down_weight"], meta["up_weight"], None, pre, a, None, 1.0,
+                         "tanh", add_dy=True)
+    assert rec[-1].grid[1] == 2, rec[-1].grid
+    runs = []
+    for _ in range(2):
+        y, g = run_kernel(case, "tanh", dropout_p=0.2, seed=3)
+        runs.append(g)
+    for n in ("down_weight", "up_weight", "down_bias", "up_bias", "scale", "h"):
+        assert torch.equal(runs[0][n], runs[1][n]), n
+    assert leaves["down_weight"].dtype == runs[0]["down_weight"].dtype
+
+
+def test_wgrad_split_is_a_function_of_arch_and_bucket():
+    from fastadapters.kernels._configs import ARCHS, Target, shape_bucket
+    from fastadapters.kernels.bottleneck_configs import wgrad_split
+
+    h100_pcie = Target("sm_90", (9, 0), 232448, 114, "NVIDIA H100 PCIe")  # fewer SMs than the table's sm_90
+    for M in (1000, 4097, 16384, 70000):
+        for tiles in (6, 128, 1024):
+            s = wgrad_split(ARCHS["sm_90"], shape_bucket(M), tiles, 64)
+            assert s == wgrad_split(h100_pcie, shape_bucket(M), tiles, 64)
+            assert s == wgrad_split(ARCHS["sm_90"], shape_bucket(shape_bucket(M) // 2 + 1), tiles, 64)
+            assert 1 <= s <= 16
+    assert wgrad_split(ARCHS["sm_90"], 16384, 128, 64) == 3  # two waves of 132 SMs over 128 tiles
+
+
+def _meta_case(M=4096, d=4096, b=256, wdtype=torch.float32):
+    meta = torch.device("meta")
+    return (torch.empty((M, d), device=meta, dtype=torch.bfloat16), torch.empty((b, d), device=meta, dtype=wdtype),
+            torch.empty((d, b), device=meta, dtype=wdtype))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
+def test_launchers_run_on_meta_per_arch(arch):
+    """Forward and backward run end to end on meta tensors (no host sync anywhere) under use_target(arch); the
+    configs are the pure function's (the same twice); fp32 master weights get fp32 gradients."""
+    from fastadapters.kernels._configs import use_target
+    from fastadapters.kernels.bottleneck_configs import bottleneck_config
+
+    h, wd, wu = _meta_case()
+    seen = []
+    for _ in range(2):
+        with use_target(arch) as tgt, K.record_launches() as rec:
+            _, pre, a = K.bottleneck_fwd(h, wd, wu, None, None, None, None, 1.0, "silu", 0.1, 7)
+            grads = K.bottleneck_bwd(h, h, wd, wu, None, pre, a, None, 1.0, "silu", 0.1, 7, add_dy=True)
+        seen.append([(L.kernel, L.grid, L.num_warps, L.num_stages,
+                      tuple((k, v) for k, v in L.kwargs.items() if not isinstance(v, torch.Tensor))) for L in rec])
+        assert a.dtype == torch.bfloat16 and grads[1].dtype == grads[2].dtype == torch.float32
+        assert grads[0].dtype == torch.bfloat16 and grads[1].device.type == "meta"
+        fwd = rec[0]
+        cfg = bottleneck_config(tgt, "fwd", torch.bfloat16, 256)
+        assert (fwd.kwargs["BLOCK_M"], fwd.kwargs["BLOCK_K"], fwd.kwargs["BLOCK_N"]) == (
+            cfg.block_m, cfg.block_k, cfg.block_n)
+    assert seen[0] == seen[1]
+
+
+def test_tuned_table_entry_wins(tmp_path, monkeypatch):
+    """A per-device table written by the offline tuner (kernels/configs/<device>.json) overrides the built-in
+    config for its key, and only for that device."""
+    import json
+
+    from fastadapters.kernels import _configs
+    from fastadapters.kernels.bottleneck_configs import config_key
+
+    key = config_key(torch.bfloat16, 4096, 4096, 4096, 256, True)
+    table = {"bottleneck": {"fwd": {key: {"block_m": 64, "block_k": 32, "block_n": 64, "num_warps": 4,
+                                          "num_stages": 2}}}}
+    (tmp_path / "test_gpu_9000.json").write_text(json.dumps(table))
+    monkeypatch.setenv("FASTADAPTERS_CONFIG_DIR", str(tmp_path))
+    _configs.clear_cache()
+    gpu = _configs.Target("sm_90", (9, 0), 232448, 132, "Test GPU 9000")
+    h, wd, wu = _meta_case()
+    try:
+        for tgt, want in ((gpu, (64, 32, 64, 4)), (_configs.ARCHS["sm_90"], (128, 64, 128, 8))):
+            with _configs.use_target(tgt), K.record_launches() as rec:
+                K.bottleneck_fwd(h, wd, wu, None, None, None, None, 1.0, "silu")
+            kw = rec[0].kwargs
+            assert (kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], rec[0].num_warps) == want
+    finally:
+        _configs.clear_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_runs_on_the_inputs_device():
+    """A model split across GPUs: inputs on cuda:1 while cuda:0 is current give the same result as on cuda:0."""
+    case = make_case(M=256, d_in=512, b=64, dtype=torch.bfloat16, wdtype=torch.float32, seed=19)
+    y0, _ = run_kernel(case, "silu")
+    moved = {n: (t.detach().to("cuda:1").requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
+             for n, t in case.items()}
+    with torch.cuda.device(0):
+        y1, _ = run_kernel(moved, "silu")
+    assert y1.device.index == 1
+    torch.testing.assert_close(y1.cpu(), y0.cpu(), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ dispatch

@@ -1,14 +1,15 @@
-"""The bottleneck Triton kernels compile for sm_90 (H100/H200) at the configs the launchers can dispatch to, with no
-register spills and at most 227 KiB of shared memory. No GPU needed: Triton compiles ahead of time for a
-GPUTarget("cuda", 90, 32). The launches come from running the real launchers on meta tensors
-(fastadapters.kernels.bottleneck.sm90_dispatch_space), so the specialisation (16-divisible sizes, aligned
-pointers, or not) matches what a launch would compile.
+"""The bottleneck Triton kernels compile, for every GPU arch people own (sm_80, sm_86, sm_89, sm_90), at exactly the
+configs the launchers dispatch to there: no register spills, shared memory within the arch's limit, and on the
+layer's real path (a bf16 model with fp32 adapter weights) every main loop on tensor cores: wgmma with N >= 64 on
+sm_90, mma.sync before. No GPU needed: Triton compiles ahead of time for a GPUTarget("cuda", cap, 32). The launches
+come from the real launchers on meta tensors under use_target(arch) (fastadapters.kernels.bottleneck_launch.
+dispatch_space), so the specialisation (16-divisible sizes, aligned pointers, or not) and the configs match what
+that GPU would run.
 
-Default run (18 compiles, 15-60 s on 2 cores with a cold Triton cache, seconds warm): every bf16 config of the
-aligned lists at the largest bottleneck it serves (register use grows with B in the fused mode and does not depend
-on it in the chunked mode) and the heaviest unaligned and fp32-weight compiles. FASTADAPTERS_SM90_FULL=1 adds the
-full product: every B, both alignments, bf16 / fp16 / fp32 inputs and fp32 weights in "ieee" and "tf32"
-(about 280 compiles, ~25 min on 2 cores; all clean when these lists were written).
+Default run (26 compiles; 1-3 min on 2 busy cores with a cold Triton cache, seconds warm): the whole default space
+for sm_90 (benchmark shapes with fp32 and bf16 weights, b = 1024, odd shapes, the dropout mask) and the benchmark
+shapes' real path (fp32 weights) for sm_80, sm_86 and sm_89. FASTADAPTERS_SM90_FULL=1 adds the full space on
+every arch (fp16 and fp32 models, every padded bottleneck 16..1024, aligned and unaligned).
 """
 
 from __future__ import annotations
@@ -24,74 +25,100 @@ import pytest
 
 pytest.importorskip("triton")
 
-from sm90 import SM90_MAX_SHARED, Sm90Report, compile_space  # noqa: E402
+from sm90 import CompileReport, compile_many, spec_from_launch  # noqa: E402
 
-from fastadapters.kernels import bottleneck as K  # noqa: E402
+from fastadapters.kernels import bottleneck_launch as K  # noqa: E402
 
-SPACE = K.sm90_dispatch_space()
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
 
 
+def _space() -> list[tuple[str, str, object]]:
+    """(arch, label, launch): the default set (see the module docstring)."""
+    out = [("sm_90", label, launch) for label, launch in K.dispatch_space("sm_90")]
+    for arch in ("sm_80", "sm_86", "sm_89"):
+        out += [(arch, label, launch) for label, launch in K.dispatch_space(arch)
+                if "/bf16-fp32w/M4096-" in label]
+    return out
+
+
+SPACE = _space()
+
+
 @pytest.fixture(scope="module")
-def reports() -> dict[str, Sm90Report]:
-    """All default-space compiles at once (parallel workers); each test below checks one."""
-    return compile_space(SPACE)
+def reports() -> dict[tuple[str, str], CompileReport]:
+    """All default compiles at once (parallel workers); each test below checks one."""
+    specs = [{**spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label),
+              "arch": arch} for arch, label, launch in SPACE]
+    return {(r.arch, r.label): r for r in compile_many(specs)}
 
 
-@pytest.mark.parametrize("label", [label for label, _ in SPACE])
-def test_kernel_config_compiles_for_sm90(label, reports):
-    n_regs, n_spills, shared = reports[label].check()
-    assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= SM90_MAX_SHARED
+def _tensor_core_problems(r: CompileReport, label: str) -> list[str]:
+    """The main-loop gate: tensor-core MMAs in the loops (wgmma with N >= 64 on sm_90), no fp32 FMA dot, no
+    serialized wgmma."""
+    if not K.is_main_loop(label):
+        return []
+    out = []
+    if not r.mma_loop:
+        out.append(f"no MMA in the loops ({r.n_fma_loop} fma.rn.f32)")
+    elif r.arch == "sm_90":
+        if not r.wgmma_n or any("wgmma" not in m for m in r.mma_loop):
+            out.append(f"not wgmma: {r.mma_loop}")
+        elif min(r.wgmma_n) < 64:
+            out.append(f"wgmma N {r.wgmma_n} < 64")
+        if r.serialized:
+            out.append("ptxas C7515: wgmma serialized")
+    return out
 
 
-def test_space_covers_every_list_entry():
-    """The full space holds each config of each list (row kernels per B and alignment, wgrad) at the largest B
-    that uses it, for each kernel and dot flavour; the default space holds all of the bf16 aligned ones (the
-    production path). Every launch carries its kernel's full argument list."""
-    full = dict(K.sm90_dispatch_space(full=True))
-    default = {label for label, _ in SPACE}
-    for flavour, dt, prec in (("bf16", torch.bfloat16, None), ("fp16", torch.float16, None),
-                              ("bf16-fp32w-ieee", torch.float32, "ieee"), ("bf16-fp32w-tf32", torch.float32, "tf32"),
-                              ("fp32-ieee", torch.float32, "ieee"), ("fp32-tf32", torch.float32, "tf32")):
-        for aligned in (True, False):
-            align = "aligned" if aligned else "unaligned"
-            expected = []
-            for kind in ("fwd", "dx"):
-                largest: dict[K.RowConfig, int] = {}
-                for B in K.PADDED_BOTTLENECKS:
-                    for c in K.row_configs(kind, B, dt, aligned, prec):
-                        largest[c] = B
-                expected += [f"{kind}-{flavour}-{align}-{K._cfg_tag(c)}-B{B}" for c, B in largest.items()]
-            expected += [f"wgrad-{flavour}-{align}-{K._cfg_tag(c)}-B1024" for c in K._wgrad_table(dt, aligned)]
-            for label in expected:
-                assert label in full, label
-                if flavour == "bf16" and aligned:
-                    assert label in default, label
-    for label, launch in full.items():
-        assert set(launch.kwargs) == set(launch.kernel.arg_names), label
-    # the unaligned class really is unaligned, the aligned one aligned (what decides vector loads and cp.async)
-    aligned_fwd = next(v for k, v in full.items() if k.startswith("fwd-bf16-aligned"))
-    unaligned_fwd = next(v for k, v in full.items() if k.startswith("fwd-bf16-unaligned"))
-    assert aligned_fwd.kwargs["D_IN"] % 16 == 0 and aligned_fwd.kwargs["NB"] % 16 == 0
-    assert unaligned_fwd.kwargs["D_IN"] % 16 != 0 and unaligned_fwd.kwargs["NB"] % 16 != 0
+@pytest.mark.parametrize("arch,label", [(a, lbl) for a, lbl, _ in SPACE], ids=[f"{a}:{lbl}" for a, lbl, _ in SPACE])
+def test_dispatched_config_compiles(arch, label, reports):
+    r = reports[arch, label]
+    n_regs, n_spills, shared = r.check()
+    assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= r.limits["max_shared"]
+    problems = _tensor_core_problems(r, label)
+    assert not problems, f"{label} [{arch}]: {'; '.join(problems)} ({r.mma_summary})"
 
 
-def test_fused_mode_stays_within_the_register_budget():
-    """The design rule behind the lists: fused row tiles hold (BLOCK_M, B) fp32 values, at most 16K per CTA of
-    8 warps (64 per thread per live tile); chunked tiles are bounded by BLOCK_M x block_j the same way."""
-    for dt in (torch.bfloat16, torch.float32):
-        for aligned in (True, False):
-            for kind in ("fwd", "dx"):
-                for B in K.PADDED_BOTTLENECKS:
-                    for c in K.row_configs(kind, B, dt, aligned, "ieee") + K.row_configs(kind, B, dt, aligned, "tf32"):
-                        per_thread = c.block_m * c.bj(B) // (32 * c.num_warps)
-                        assert per_thread <= 64, (kind, B, dt, aligned, c)
-                        assert c.block_m >= 16 and c.block_k >= 16 and c.block_n >= 16 and c.bj(B) >= 16
+def test_real_path_runs_on_16bit_operands_on_every_arch():
+    """fp32 adapter weights on a bf16 model: every launch gets the weights cast to bf16 and 16-bit dots (the compile
+    test above then shows the MMAs); the fp32-operand flag is off everywhere."""
+    for arch in ARCHS:
+        for label, launch in K.dispatch_space(arch):
+            if "/bf16-fp32w/" not in label or "/dropout_mask/" in label:
+                continue
+            assert launch.kwargs["DOT_FP32"] is False, (arch, label)
+            for name in ("p_down", "p_up"):
+                if name in launch.kwargs:
+                    assert launch.kwargs[name].dtype == torch.bfloat16, (arch, label, name)
 
 
-@pytest.mark.skipif(not FULL, reason="set FASTADAPTERS_SM90_FULL=1 (about 280 compiles, ~25 min on 2 cores)")
-def test_full_space_compiles_for_sm90():
-    """Every B, every flavour (fp16 and fp32 inputs too), aligned and unaligned."""
-    problems = [f"{r.label}: {'; '.join(r.problems())}" for r in compile_space(K.sm90_dispatch_space(True)).values()
-                if r.problems()]
+def test_space_labels_and_main_loops():
+    """Every arch's default space holds the three kernels at both benchmark shapes' compile, labelled by role, with
+    the kernel's full argument list; the main loops are exactly the fwd / dx / wgrad launches at benchmark shapes;
+    the 99 KiB parts get smaller tiles than sm_90."""
+    for arch in ARCHS:
+        space = dict(K.dispatch_space(arch))
+        roles = {label.split("/")[1] for label in space}
+        assert roles == {"fwd", "dx", "wgrad", "dropout_mask"}, (arch, roles)
+        mains = [label for label in space if K.is_main_loop(label)]
+        assert {label.split("/")[1] for label in mains} == {"fwd", "dx", "wgrad"}, (arch, mains)
+        for label, launch in space.items():
+            assert set(launch.kwargs) == set(launch.kernel.arg_names), label
+            assert all(g <= 65535 for g in launch.grid[1:]), (label, launch.grid)
+    fwd90 = dict(K.dispatch_space("sm_90"))["bottleneck/fwd/bf16-fp32w/M4096-din4096-dout4096-b256"]
+    fwd86 = dict(K.dispatch_space("sm_86"))["bottleneck/fwd/bf16-fp32w/M4096-din4096-dout4096-b256"]
+    assert fwd90.kwargs["BLOCK_M"] == 128  # the weight re-read fix: 128-row blocks on sm_90
+    assert fwd86.kwargs["BLOCK_K"] * fwd86.kwargs["BLOCK_N"] < fwd90.kwargs["BLOCK_K"] * fwd90.kwargs["BLOCK_N"]
+
+
+@pytest.mark.skipif(not FULL, reason="set FASTADAPTERS_SM90_FULL=1 (the full space on every arch, ~300 compiles)")
+def test_full_space_compiles_on_every_arch():
+    specs = [{**spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label),
+              "arch": arch} for arch in ARCHS for label, launch in K.dispatch_space(arch, full=True)]
+    problems = []
+    for r in compile_many(specs):
+        p = r.problems() + _tensor_core_problems(r, r.label)
+        if p:
+            problems.append(f"{r.label} [{r.arch}]: {'; '.join(p)}")
     assert not problems, "\n".join(problems)

@@ -1,4 +1,5 @@
-"""The "triton" backend of `fastadapters.ops.bottleneck_adapter`: autograd Function over two torch.library ops.
+"""The "triton" backend of `fastadapters.ops.bottleneck_adapter`: two torch.library custom ops, the forward one
+carrying its autograd formula (register_autograd: one wiring for every op, as prefix attention).
 
     fastadapters::bottleneck_fwd(h2d, W_d, W_u, b_d?, b_u?, residual2d?, scale?, scaling, activation, dropout_p,
                                  seed?, save) -> (y, pre, a, seed_used)
@@ -6,7 +7,9 @@
                                  dropout_p, add_dy, need_*) -> (dh, dW_d, dW_u, db_d, db_u, dscale)
 
 The ops are opaque to torch.compile (their fake implementations give the shapes), so a bottleneck layer compiles
-with fullgraph=True. The dropout mask is drawn inside the kernels from a Philox seed: when no seed is given the
+with fullgraph=True. Both launch on their inputs' GPU (a torch.cuda.device guard in the launchers). Adapter weights
+in fp32 on a bf16/fp16 model (the layer's real path) are cast to the activation dtype inside the launchers, once
+per call, so every GEMM runs on tensor cores; their gradients come back in fp32 (kernels/bottleneck_launch.py). The dropout mask is drawn inside the kernels from a Philox seed: when no seed is given the
 forward op draws one from torch's CPU generator at run time (so a compiled graph still gets a fresh mask every
 call) and returns it, and the backward op regenerates the same mask from it (the LoRA op's convention).
 Saved for backward: h (a view of the input), pre = D(h) W_d^T + b_d (M x b, fp32), a = act(pre) (M x b, in the
@@ -35,16 +38,14 @@ MAX_BOTTLENECK = 1024
 
 
 def _kernels() -> Any:
-    from ..kernels import bottleneck
+    from ..kernels import bottleneck_launch
 
-    return bottleneck
+    return bottleneck_launch
 
 
 def _dot_dtype(h_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-    # = fastadapters.kernels.bottleneck.dot_dtype, repeated so fake tensors never import triton
-    if h_dtype == w_dtype and h_dtype in (torch.bfloat16, torch.float16):
-        return h_dtype
-    return torch.float32
+    # = fastadapters.kernels.bottleneck_launch.dot_dtype, repeated so fake tensors never import triton
+    return h_dtype if h_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -102,38 +103,27 @@ def _(dy, h, down_weight, up_weight, up_bias, pre, a, scale, seed, scaling, acti
 
 
 # ------------------------------------------------------------------------------------------------ autograd
-class BottleneckFunction(torch.autograd.Function):
-    """residual + s * up(act(down(dropout(h)))) on the Triton kernels; h: (..., d_in) -> (..., d_out)."""
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    h, down_weight, up_weight, down_bias, up_bias, residual, scale, scaling, activation, dropout_p, seed, save = inputs
+    _, pre, a, seed_used = output
+    ctx.save_for_backward(h, down_weight, up_weight, up_bias, pre, a, scale, seed_used)
+    ctx.scaling, ctx.activation, ctx.dropout_p = scaling, activation, dropout_p
+    ctx.has_residual = residual is not None
 
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, down_weight: torch.Tensor, up_weight: torch.Tensor,
-                down_bias: torch.Tensor | None, up_bias: torch.Tensor | None, residual: torch.Tensor | None,
-                scale: torch.Tensor | None, scaling: float, activation: str, dropout_p: float, seed: int | None,
-                save: bool) -> torch.Tensor:
-        d_in, d_out = h.shape[-1], up_weight.shape[0]
-        h2 = h.reshape(-1, d_in)
-        r2 = None if residual is None else residual.reshape(-1, d_out)
-        y, pre, a, seed_used = torch.ops.fastadapters.bottleneck_fwd(
-            h2, down_weight, up_weight, down_bias, up_bias, r2, scale, scaling, activation, dropout_p, seed, save)
-        ctx.save_for_backward(h2, down_weight, up_weight, up_bias, pre, a, scale, seed_used)
-        ctx.scaling, ctx.activation, ctx.dropout_p = scaling, activation, dropout_p
-        ctx.h_shape, ctx.has_residual = h.shape, residual is not None
-        ctx.residual_shape = None if residual is None else residual.shape
-        return y.reshape(*h.shape[:-1], d_out)
 
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h2, down_weight, up_weight, up_bias, pre, a, scale, seed_used = ctx.saved_tensors
-        need_dh, need_ddown, need_dup, need_db, need_ub, need_res, need_scale = ctx.needs_input_grad[:7]
-        dy2 = dy.reshape(-1, up_weight.shape[0])
-        dh, d_down, d_up, d_db, d_ub, d_scale = torch.ops.fastadapters.bottleneck_bwd(
-            dy2, h2, down_weight, up_weight, up_bias, pre, a, scale, seed_used, ctx.scaling, ctx.activation,
-            ctx.dropout_p, not ctx.has_residual, need_dh, need_ddown, need_dup, need_db, need_ub,
-            need_scale and scale is not None)
-        d_res = dy.reshape(ctx.residual_shape) if (need_res and ctx.has_residual) else None
-        return (dh.reshape(ctx.h_shape) if need_dh else None, d_down if need_ddown else None,
-                d_up if need_dup else None, d_db if need_db else None, d_ub if need_ub else None, d_res,
-                d_scale if (need_scale and scale is not None) else None, None, None, None, None, None)
+def _backward(ctx: Any, dy: torch.Tensor, _dpre: Any, _da: Any, _dseed: Any) -> tuple[torch.Tensor | None, ...]:
+    h, down_weight, up_weight, up_bias, pre, a, scale, seed_used = ctx.saved_tensors
+    need_dh, need_ddown, need_dup, need_db, need_ub, need_res, need_scale = ctx.needs_input_grad[:7]
+    need_scale = need_scale and scale is not None
+    dh, d_down, d_up, d_db, d_ub, d_scale = torch.ops.fastadapters.bottleneck_bwd(
+        dy, h, down_weight, up_weight, up_bias, pre, a, scale, seed_used, ctx.scaling, ctx.activation,
+        ctx.dropout_p, not ctx.has_residual, need_dh, need_ddown, need_dup, need_db, need_ub, need_scale)
+    return (dh if need_dh else None, d_down if need_ddown else None, d_up if need_dup else None,
+            d_db if need_db else None, d_ub if need_ub else None, dy if (need_res and ctx.has_residual) else None,
+            d_scale if need_scale else None, None, None, None, None, None)
+
+
+bottleneck_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def bottleneck_triton(
@@ -168,8 +158,11 @@ def bottleneck_triton(
     sd = None if seed is None else int(seed) % _SEED_MOD
     inputs = (h, down_weight, up_weight, down_bias, up_bias, residual, scale)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return BottleneckFunction.apply(h, down_weight, up_weight, down_bias, up_bias, residual, scale, s,
-                                    str(activation), p, sd, save)
+    d_in, d_out = h.shape[-1], up_weight.shape[0]
+    r2 = None if residual is None else residual.reshape(-1, d_out)
+    y, _, _, _ = torch.ops.fastadapters.bottleneck_fwd(h.reshape(-1, d_in), down_weight, up_weight, down_bias,
+                                                       up_bias, r2, scale, s, str(activation), p, sd, save)
+    return y.reshape(*h.shape[:-1], d_out)
 
 
 # fastadapters.ops.bottleneck_adapter passes (dropout_p, seed) instead of a mask to kernels that carry this flag
