@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator
+import types
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,6 +36,48 @@ RESERVED_NAMES = frozenset(
         "base_model",
     }
 )
+
+
+_FORWARD_FUNCTIONS: dict[Any, types.FunctionType] = {}
+
+
+def _forward_with_signature(base_forward: Any) -> types.FunctionType:
+    """AdapterModel._forward as a function whose inspect.signature is `base_forward`'s (plus adapter_names), one per
+    base model class. transformers' Trainer keeps only the dataset columns that the forward signature names, and
+    TRL reads it too: they must see input_ids, labels, ... and not (*args, **kwargs)."""
+    key = getattr(base_forward, "__func__", base_forward)
+    fn = _FORWARD_FUNCTIONS.get(key)
+    if fn is None:
+        src = AdapterModel._forward
+        fn = types.FunctionType(src.__code__, src.__globals__, "forward", src.__defaults__, src.__closure__)
+        fn.__qualname__, fn.__doc__, fn.__module__ = "AdapterModel.forward", src.__doc__, src.__module__
+        try:  # the class's function: drop its `self`
+            params = list(inspect.signature(base_forward).parameters.values())[1:]
+        except (TypeError, ValueError):
+            params = list(inspect.signature(src).parameters.values())[1:]
+        names = {p.name for p in params}
+        if "adapter_names" not in names:
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                params.insert(at, extra)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        fn.__signature__ = inspect.Signature([self_param, *params])
+        _FORWARD_FUNCTIONS[key] = fn
+    return fn
+
+
+class _BaseSignatureForward:
+    """`AdapterModel.forward`: bound to an instance it is an ordinary bound method (accelerate and torch.compile
+    wrap it as usual) whose signature is the wrapped model's forward signature."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return AdapterModel._forward
+        base = obj.__dict__.get("_modules", {}).get("base_model")
+        if base is None:
+            return types.MethodType(AdapterModel._forward, obj)
+        return types.MethodType(_forward_with_signature(type(base).forward), obj)
 
 
 class AdapterModel(nn.Module):
@@ -164,11 +209,15 @@ class AdapterModel(nn.Module):
             )
         return method
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward with the active adapters (same arguments and outputs); `adapter_names=`
+        (LoRA) picks one adapter per sequence."""
         method = self._call_method(kwargs)
         if method is None:
             return self.base_model(*args, **kwargs)
         return method.forward(self, *args, **kwargs)
+
+    forward = _BaseSignatureForward()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         method = self._call_method(kwargs)
@@ -176,20 +225,41 @@ class AdapterModel(nn.Module):
             return self.base_model.generate(*args, **kwargs)
         return method.generate(self, *args, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        """Recompute activations in backward. Works on transformers 5.17 and on 5.24 (which renamed the API to
-        activation_checkpointing_enable); inputs get requires_grad so reentrant checkpointing reaches the adapters."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """Recompute activations in backward, with transformers' arguments (`every_n_layers` and `offload` as
+        transformers >= 5.24 takes them; Trainer passes both). Inputs get requires_grad so that reentrant
+        checkpointing reaches the adapters."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        extra: dict[str, Any] = {}
+        if every_n_layers != 1:
+            extra["every_n_layers"] = every_n_layers
+        if offload:
+            extra["offload"] = offload
         if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
+            enable(activation_checkpointing_kwargs=kwargs, **extra)
+        else:  # transformers before the rename
+            if extra:
+                raise TypeError(f"this transformers version has no every_n_layers/offload ({sorted(extra)})")
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The older name of activation_checkpointing_enable (same arguments)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable = getattr(self.base_model, "activation_checkpointing_disable", None)
+        (disable or self.base_model.gradient_checkpointing_disable)()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -211,8 +281,10 @@ class AdapterModel(nn.Module):
         return self._unload()
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; return the plain transformers model."""
-        self.unmerge_adapter()
+        """Remove every adapter without merging; return the plain transformers model (any adapter type)."""
+        for m in self._methods.values():
+            if type(m).unmerge is not AdapterMethod.unmerge:  # methods that cannot merge have nothing to undo
+                m.unmerge(self)
         return self._unload()
 
     def _unload(self) -> nn.Module:
@@ -238,22 +310,72 @@ class AdapterModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    # -- nn.Module state: the adapters (what trains), not the frozen base
+    def _state_names(self) -> set[str]:
+        """Parameter paths that make up this model's state: every adapter's parameters and anything else that
+        trains. The frozen base model is not state: it comes from its own checkpoint."""
+        ids = {id(p) for p in self.adapter_parameters()}
+        return {n for n, p in self.named_parameters() if id(p) in ids or p.requires_grad}
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The adapter tensors only (every adapter, plus any other trainable parameter), under their module paths.
+
+        This is what transformers' Trainer, accelerate, TRL and FSDP save and load for a model that is not a
+        PreTrainedModel, so their checkpoints hold the adapter (megabytes), not a copy of the base model.
+        `model.base_model.state_dict()` gives the whole model; save_pretrained writes PEFT's layout."""
+        if args:  # nn.Module's deprecated positional form (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + n for n in self._state_names()}
+        out = destination if destination is not None else OrderedDict()
+        for k, v in full.items():
+            if k in keep:
+                out[k] = v
+        if hasattr(full, "_metadata") and not hasattr(out, "_metadata"):
+            out._metadata = full._metadata  # type: ignore[attr-defined]
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load what state_dict() returns (adapter tensors; base tensors too when present). strict: every adapter
+        tensor must be there and nothing unknown; the frozen base may be absent."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        needed = self._state_names()
+        missing = [k for k in result.missing_keys if k in needed]
+        unexpected = list(result.unexpected_keys)
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"error loading the adapter state of {type(self).__name__}: missing {missing}, "
+                               f"unexpected {unexpected}; was it saved from a model with the same adapters?")
+        return _IncompatibleKeys(missing, unexpected)
+
     # -- checkpoints
     def adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """Adapter `adapter_name`'s tensors under PEFT's saved key names."""
-        return self._method(adapter_name).state_dict(self, adapter_name)
+        """Adapter `adapter_name`'s tensors under PEFT's saved key names (sharded DTensors are gathered: under
+        FSDP call this on every process)."""
+        state = self._method(adapter_name).state_dict(self, adapter_name)
+        return {k: _full_tensor(v) for k, v in state.items()}
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+        is_main_process: bool = True, **_: Any
     ) -> None:
         """Write adapter_config.json + adapter_model.safetensors per adapter ("default" at the top, others in
-        sub-folders named after them, as PEFT does). Each file is written atomically."""
+        sub-folders named after them, as PEFT does). Each file is written atomically.
+
+        Sharded (FSDP2) adapters: call it on every process with is_main_process=(rank == 0), as with
+        transformers' save_pretrained; the tensors are gathered and only the main process writes. Other keyword
+        arguments transformers passes (state_dict, safe_serialization, ...) are accepted and ignored: the adapter
+        tensors are read from the model."""
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder path")
         for name in selected_adapters or list(self.peft_config):
+            tensors = self.adapter_state_dict(name)
+            if not is_main_process:
+                continue
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(directory, exist_ok=True)
-            save_weights(self.adapter_state_dict(name), directory)
+            save_weights(tensors, directory)
             self.peft_config[name].save(directory)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
@@ -288,6 +410,12 @@ class AdapterModel(nn.Module):
         if not is_trainable:
             am.eval()  # as PEFT: a frozen adapter is for inference, so dropout is off
         return am
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor gathered to a plain tensor (a collective: every process must call it); others as is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
