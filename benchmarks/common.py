@@ -22,6 +22,7 @@ import platform
 import re
 import statistics
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -338,10 +339,14 @@ class Recorder:
         return 1 if self.errors else 0
 
 
-def results_path(out: str | os.PathLike | None) -> Path:
-    """`out` may be a folder (results.csv inside it) or a path ending in .csv; None means benchmarks/results/."""
+SCRATCH_OUT = Path(tempfile.gettempdir()) / "fastadapters-benchmarks"  # smoke runs: plumbing, not results
+
+
+def results_path(out: str | os.PathLike | None, preset: str | None = None) -> Path:
+    """`out` may be a folder (results.csv inside it) or a path ending in .csv; None means benchmarks/results/
+    (the committed results), except for the smoke preset, whose rows are not results: a scratch folder then."""
     if out is None:
-        return DEFAULT_OUT / RESULTS_NAME
+        return (SCRATCH_OUT if preset == "smoke" else DEFAULT_OUT) / RESULTS_NAME
     out = Path(out)
     return out if out.suffix == ".csv" else out / RESULTS_NAME
 
@@ -541,7 +546,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--smoke", action="store_true", help="same as --preset smoke")
     p.add_argument("--out", default=None,
-                   help="folder for results.csv, or a .csv path (default: benchmarks/results/results.csv)")
+                   help="folder for results.csv, or a .csv path (default: benchmarks/results/results.csv; smoke "
+                        f"preset: {SCRATCH_OUT}/results.csv)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")

@@ -218,6 +218,9 @@ def test_results_path_takes_a_folder_or_a_csv(tmp_path):
     assert common.results_path(tmp_path) == tmp_path / "results.csv"
     assert common.results_path(tmp_path / "x.csv") == tmp_path / "x.csv"
     assert common.results_path(None) == REPO / "benchmarks" / "results" / "results.csv"
+    assert common.results_path(None, "quick") == REPO / "benchmarks" / "results" / "results.csv"
+    smoke = common.results_path(None, "smoke")  # a smoke run's rows are plumbing, not results: never in the repo
+    assert REPO not in smoke.parents and smoke.name == "results.csv"
 
 
 def test_cpu_bench_times_and_orders_quantiles():
