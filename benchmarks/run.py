@@ -28,6 +28,7 @@ from benchmarks import common
 
 REGISTRY: dict[str, str] = {  # name for --ops -> module; the driver runs them in this order
     "lora": "benchmarks.bench_lora",
+    "dora": "benchmarks.bench_dora",
     "bottleneck": "benchmarks.bench_bottleneck",
     "multi_lora": "benchmarks.bench_multi_lora",
     "prefix_attention": "benchmarks.bench_prefix_attention",  # last of the kernel level: FlexAttention compiles
@@ -69,7 +70,7 @@ def load(name: str) -> ModuleType | None:
 def legacy_argv(preset: str, args) -> list[str]:
     """Arguments for a module that only has run(argv) (common.base_parser's older flags)."""
     argv = {"smoke": ["--smoke"], "quick": ["--quick"], "full": []}[preset]
-    argv += ["--device", args.device, "--out", str(common.results_path(args.out))]
+    argv += ["--device", args.device, "--out", str(common.results_path(args.out, preset))]
     return argv + (["--dtype", args.dtype] if args.dtype else [])
 
 
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, dtype, budget = common.setup(args)
     ctx = common.Context(device, dtype, args.preset, budget, layers=args.layers)
     meta = common.env_meta(device)  # one gpu / versions / date / commit stamp for every row of this run
-    path = common.results_path(args.out)
+    path = common.results_path(args.out, ctx.preset)
     print(f"benchmarks: preset {ctx.preset}, {meta['gpu']}, {dtype}, ops {','.join(names)} -> {path}", flush=True)
 
     ceilings = common.Recorder("ceiling", device, meta, path=path)

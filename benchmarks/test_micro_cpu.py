@@ -87,3 +87,44 @@ def test_tiny_model_train_step(benchmark, setup):
     step, _ = bench_model.step_fn(model, models.random_ids(2, 32, base.config.vocab_size, torch.device("cpu")),
                                   backend)
     benchmark(step)
+
+
+@pytest.mark.parametrize("method", ["trick", "trick_cold", "dense", "peft"])
+def test_dora_norm(benchmark, method):
+    """DoRA's row norm ||W + s B A|| at one 7B projection (4096 x 4096, r = 16), float32, once per training step:
+    trick       ||W||^2 (cached per frozen W) + 2s B.(W A^T) + s^2 B (A A^T) B^T  (fastadapters)
+    trick_cold  the same with ||W||^2 recomputed (the first step, or after W changes)
+    dense       ||W + s B A|| with the (N, K) delta formed
+    peft        PEFT 0.21's DoraLinearLayer: lora_B(lora_A(eye(K))).T, then W + s * that, then the norm."""
+    from fastadapters.kernels.dora_ref import dora_norm_dense_ref, dora_norm_ref, dora_weight_sq_ref
+
+    torch.manual_seed(0)
+    N = K = 4096
+    r, s = 16, 2.0
+    W = torch.randn(N, K) * K**-0.5
+    A, B = torch.randn(r, K) * K**-0.5, torch.randn(N, r) * r**-0.5
+    if method == "peft":
+        from peft.tuners.lora.dora import DoraLinearLayer
+
+        dora = DoraLinearLayer(fan_in_fan_out=False)
+        lin_A, lin_B = torch.nn.Linear(K, r, bias=False), torch.nn.Linear(r, N, bias=False)
+        with torch.no_grad():
+            lin_A.weight.copy_(A)
+            lin_B.weight.copy_(B)
+
+        def norm() -> torch.Tensor:
+            return dora.get_weight_norm(W, dora.get_lora_weight(lin_A, lin_B).detach(), s)
+    elif method == "dense":
+        norm = lambda: dora_norm_dense_ref(W, A, B, s)  # noqa: E731
+    elif method == "trick_cold":
+        norm = lambda: dora_norm_ref(W, A, B, s)  # noqa: E731
+    else:
+        wsq = dora_weight_sq_ref(W)
+        norm = lambda: dora_norm_ref(W, A, B, s, wsq)  # noqa: E731
+    torch.testing.assert_close(norm(), dora_norm_dense_ref(W, A, B, s), rtol=1e-5, atol=0)
+
+    def call() -> None:
+        with torch.no_grad():
+            norm()
+
+    benchmark(call)
