@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=float, default=16)
     g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--use_dora", default=False, **flag, help="DoRA (weight-decomposed LoRA, PEFT's use_dora)")
     g.add_argument("--lora_target_modules", nargs="+", default=None,
                    help="alias of --target_modules for LoRA (default: the model family's, q_proj v_proj for Llama)")
     g = p.add_argument_group("bottleneck")
@@ -269,9 +270,11 @@ def build_adapter_config(args: argparse.Namespace) -> Any:
             raise InputError(f"--lora_target_modules {lora_targets} and --target_modules {targets} disagree; "
                              "give one of them (they are aliases for LoRA)")
         return fa.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                             target_modules=lora_targets or targets, bias="none")
+                             target_modules=lora_targets or targets, bias="none", use_dora=args.use_dora)
     if lora_targets:
         raise InputError(f"--lora_target_modules applies to LoRA only; for {args.adapter_name} use --target_modules")
+    if args.use_dora:
+        raise InputError(f"--use_dora applies to LoRA only (--adapter_name lora), not {args.adapter_name}")
     if args.adapter_name == "bottleneck":
         return fa.BottleneckConfig(bottleneck_size=args.bottleneck_size, non_linearity=args.non_linearity,
                                    adapter_dropout=args.adapter_dropout, use_parallel_adapter=args.use_parallel_adapter,
