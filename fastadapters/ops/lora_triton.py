@@ -1,17 +1,19 @@
-"""The "triton" backend of `fastadapters.ops.lora_linear`: autograd Function over two torch.library custom ops.
+"""The "triton" backend of `fastadapters.ops.lora_linear`: torch.library custom ops with their autograd formula.
 
     fastadapters::lora_linear_fwd(x2d, W, b?, A, B, scaling, dropout_p, seed?) -> (y, xa, seed_used)
     fastadapters::lora_linear_bwd(dy2d, x2d, W, A, B, xa, seed_used, scaling, dropout_p, need_*) -> 5 grads
 
-The ops are opaque to torch.compile (their fake implementations give the shapes), so a LoRA layer compiles with
-fullgraph=True. The dropout mask is drawn inside the kernels from a Philox seed: when no seed is given the forward
-op draws one from torch's CPU generator at run time (so a compiled graph still gets a fresh mask every call) and
-returns it, and the backward op regenerates the same mask from it. Saved for backward: x (a view of the input),
+The forward op carries its backward (register_autograd, the wiring every op here uses), and both ops have fake
+implementations, so a LoRA layer compiles with fullgraph=True. The dropout mask is drawn inside the kernels from
+a Philox seed: when no seed is given the forward op draws one from torch's CPU generator at run time (so a
+compiled graph still gets a fresh mask every call) and returns it as a CPU tensor, and the backward op regenerates
+the same mask from it (reading a CPU tensor: no device sync). Saved for backward: x (a view of the input),
 xa = dropout(x) A^T (M x r, fp32) and the seed.
 
-Importing this module does not import triton: the kernels (fastadapters.kernels.lora) load at the first call, so
-TRITON_INTERPRET can still be set before that (tests on CPU). The kernel runs CUDA tensors, and CPU tensors only
-under the interpreter when the backend is asked for explicitly ("triton"; "auto" keeps the reference on CPU).
+Importing this module does not import triton: the launchers (fastadapters.kernels.lora_launch) load at the first
+call, so TRITON_INTERPRET can still be set before that (tests on CPU). The kernels run CUDA tensors (on the
+tensors' own GPU), and CPU tensors only under the interpreter when the backend is asked for explicitly
+("triton"; "auto" keeps the reference on CPU).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ MAX_RANK = 256
 
 
 def _kernels() -> Any:
-    from ..kernels import lora
+    from ..kernels import lora_launch
 
-    return lora
+    return lora_launch
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -58,8 +60,9 @@ def lora_linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
                        lora_B: torch.Tensor, xa: torch.Tensor, seed: torch.Tensor, scaling: float, dropout_p: float,
                        need_dx: bool, need_dW: bool, need_db: bool, need_dA: bool,
                        need_dB: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx (M, K), dW (N, K), db (N,), dA (r, K), dB (N, r)); an empty (0,) tensor for each not asked for."""
-    grads = _kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed.item()),
+    """(dx (M, K), dW (N, K), db (N,), dA (r, K), dB (N, r)); an empty (0,) tensor for each not asked for.
+    seed: the forward's seed_used, a CPU tensor (reading it does not sync the GPU)."""
+    grads = _kernels().lora_linear_bwd(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed),
                                        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB, need_dW=need_dW,
                                        need_db=need_db)
     dx, dA, dB, dW, db = grads
@@ -77,30 +80,28 @@ def _(dy, x, weight, lora_A, lora_B, xa, seed, scaling, dropout_p, need_dx, need
 
 
 # ------------------------------------------------------------------------------------------------ autograd
-class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + s * dropout(x) A^T B^T on the Triton kernels; x: (..., K) -> y: (..., N)."""
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, _ = inputs
+    _, xa, seed_used = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed_used)
+    ctx.scaling, ctx.dropout_p, ctx.has_bias = scaling, dropout_p, bias is not None
+    ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int | None) -> torch.Tensor:
-        K, N = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, K)
-        y, xa, seed_used = torch.ops.fastadapters.lora_linear_fwd(x2, weight, bias, lora_A, lora_B, scaling,
-                                                                  dropout_p, seed)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, xa, seed_used)
-        ctx.scaling, ctx.dropout_p, ctx.x_shape = scaling, dropout_p, x.shape
-        return y.reshape(*x.shape[:-1], N)
 
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight, lora_A, lora_B, xa, seed_used = ctx.saved_tensors
-        need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
-        dy2 = dy.reshape(-1, weight.shape[0])
-        dx, dW, db, dA, dB = torch.ops.fastadapters.lora_linear_bwd(
-            dy2, x2, weight, lora_A, lora_B, xa, seed_used, ctx.scaling, ctx.dropout_p,
-            need_dx, need_dW, need_db, need_dA, need_dB)
-        return (dx.reshape(ctx.x_shape) if need_dx else None, dW if need_dW else None, db if need_db else None,
-                dA if need_dA else None, dB if need_dB else None, None, None, None)
+def _backward(ctx: Any, dy: torch.Tensor | None, _dxa: Any, _dseed: Any) -> tuple[torch.Tensor | None, ...]:
+    # xa and seed_used are internal outputs (never differentiated by lora_linear_triton's callers)
+    x, weight, lora_A, lora_B, xa, seed_used = ctx.saved_tensors
+    need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
+    need_db = need_db and ctx.has_bias
+    if dy is None:
+        return None, None, None, None, None, None, None, None
+    dx, dW, db, dA, dB = lora_linear_bwd_op(dy, x, weight, lora_A, lora_B, xa, seed_used, ctx.scaling,
+                                            ctx.dropout_p, need_dx, need_dW, need_db, need_dA, need_dB)
+    return (dx if need_dx else None, dW if need_dW else None, db if need_db else None, dA if need_dA else None,
+            dB if need_dB else None, None, None, None)
+
+
+lora_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -117,7 +118,10 @@ def lora_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(_MASK_REFUSAL)
     p = float(dropout_p)
     s = None if seed is None else int(seed) % _SEED_MOD
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), p, s)
+    K, N = x.shape[-1], weight.shape[0]
+    y, _, _ = torch.ops.fastadapters.lora_linear_fwd(x.reshape(-1, K), weight, bias, lora_A, lora_B,
+                                                     float(scaling), p, s)
+    return y.reshape(*x.shape[:-1], N)
 
 
 # fastadapters.ops.lora_linear passes (dropout_p, seed) instead of a mask to kernels that carry this flag
@@ -137,7 +141,7 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, l
     r = lora_A.shape[0]
     if not 1 <= r <= MAX_RANK:
         return f"rank r={r} is outside 1..{MAX_RANK}"
-    return device_refusal(x, "x", "fastadapters.kernels.lora")
+    return device_refusal(x, "x", "fastadapters.kernels.lora")  # the module whose INTERPRETED flag counts
 
 
 if importlib.util.find_spec("triton") is not None:
