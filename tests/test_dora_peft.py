@@ -241,3 +241,39 @@ def test_refusals_where_peft_refuses():
         fa.AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": True, "lora_bias": True})
     with pytest.raises(ValueError, match="use_dora"):
         fa.LoraConfig(use_dora="yes")
+
+
+def test_fastadapters_train_use_dora_saves_a_peft_loadable_adapter(tmp_path):
+    """`fastadapters train --use_dora` on a tiny Llama: the magnitude trains, the saved adapter is PEFT's DoRA layout
+    and PEFT loads it to the same logits as fastadapters."""
+    from fastadapters.data import iter_texts, make_arithmetic_data, save_records
+    from fastadapters.demo_pipeline import write_tiny_llama
+    from fastadapters.train import build_parser, train
+
+    train_recs, test_recs = make_arithmetic_data(12, 2, seed=1)
+    save_records(train_recs, tmp_path / "train.json")
+    model = write_tiny_llama(str(tmp_path / "model"), list(iter_texts(train_recs + test_recs)), vocab_size=300)
+    out = tmp_path / "run"
+    argv = ["--base_model", model, "--data_path", str(tmp_path / "train.json"), "--output_dir", str(out),
+            "--batch_size", "2", "--micro_batch_size", "2", "--max_steps", "1", "--save_step", "10",
+            "--val_set_size", "0", "--warmup_steps", "0", "--learning_rate", "1e-2", "--cutoff_len", "64",
+            "--progress", "false", "--adapter_name", "lora", "--lora_r", "4", "--lora_target_modules",
+            "[q_proj,v_proj]", "--use_dora"]
+    train(build_parser().parse_args(argv))
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    mags = [k for k in saved_keys(out) if k.endswith(".lora_magnitude_vector")]
+    assert len(mags) == 4  # 2 layers x (q_proj, v_proj)
+
+    import transformers as tf
+
+    base = tf.AutoModelForCausalLM.from_pretrained(model).eval()
+    fresh = fa.get_adapter_model(tf.AutoModelForCausalLM.from_pretrained(model),
+                                 fa.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    ours_loaded = fa.AdapterModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(model), out).eval()
+    trained = dict(ours_loaded.base_model.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in fresh.base_model.named_parameters()
+               if "lora_magnitude_vector" in n), "the magnitude did not train"
+    peft_loaded = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(logits(ours_loaded, ids, mask), logits(peft_loaded, ids, mask), **DORA_TOL)
