@@ -70,6 +70,8 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     add_demo,
     delegate("train", "fastadapters.train", "fine-tune an adapter (LLM-Adapters' finetune.py arguments)"),
     delegate("evaluate", "fastadapters.evaluate", "evaluate a model or adapter on arithmetic/commonsense sets"),
+    delegate("reproduce", "fastadapters.reproduce", "the LLM-Adapters paper's experiment, small: every adapter "
+             "trained and evaluated on real data, one table"),
     add_env,
 ]
 
