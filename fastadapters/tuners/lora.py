@@ -319,6 +319,9 @@ class LoraLayer(AdapterLayer):
         w = self.base_layer.weight
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         s = self.scaling[name]
+        if torch.compiler.is_compiling():  # tensor versions / data pointers cannot be traced: no cache in a graph
+            with torch.no_grad():
+                return dora_norm_ref(self.base_weight(), A, B, s)
         wkey = _tensor_key(w)
         key = (wkey, _tensor_key(A), _tensor_key(B), s)
         hit = self._dora_norms.get(name)
