@@ -171,10 +171,19 @@ def _triton_flops(name: str, kw: dict) -> float | None:
         return 2.0 * g("ROWS") * g("RED") * g("R")
     if name in ("_bottleneck_fwd_kernel", "_bottleneck_bwd_dx_kernel", "_bottleneck_bwd_w_kernel"):
         return 2.0 * g("M") * g("NB") * (g("D_IN") + g("D_OUT"))
-    if "shrink" in name and g("K") is not None and g("R") is not None and g("M") is not None:
-        return 2.0 * g("M") * g("K") * g("R")
-    if "expand" in name and g("N") is not None and g("R") is not None and g("M") is not None:
-        return 2.0 * g("M") * g("N") * g("R")
+    if name == "_multi_lora_shrink_kernel":
+        return 2.0 * g("p_x").shape[0] * g("K") * g("R")
+    if name == "_multi_lora_expand_kernel":
+        return 2.0 * g("p_out").shape[0] * g("N") * g("R")
+    if name.startswith("_prefix_attn") and hasattr(g("p_q"), "shape"):
+        # one GEMM pass = 2 * B * Hq * Lq * (keys a query sees) * D; fwd / decode 2 passes (S, PV), the K/V-side
+        # backward 4 (S, dV, dP, dK) + 1 when it also accumulates dQ, the separate dQ kernel 3 (S, dP, dQ)
+        B, Hq, Lq, D = g("p_q").shape
+        Lk, P = g("Lk"), g("P")
+        keys = P + (Lk / 2 if g("CAUSAL") and Lq == Lk else Lk)
+        passes = (4 + bool(g("ATOMIC_DQ"))) if ("bwd_kv" in name or "dkdv" in name) else 3 if "bwd_dq" in name \
+            else 2 if ("fwd" in name or "decode" in name) else 0
+        return 2.0 * B * Hq * Lq * keys * D * passes
     if "dropout_mask" in name or "preprocess" in name or "combine" in name:
         return 0.0
     return None
@@ -185,7 +194,8 @@ def _legacy_main(name: str, kw: dict) -> bool:
     if name == "_lora_linear_kernel":
         return bool(kw.get("HAS_MAIN"))
     return name in ("_bottleneck_fwd_kernel", "_bottleneck_bwd_dx_kernel", "_bottleneck_bwd_w_kernel",
-                    "_prefix_attn_fwd_kernel", "_prefix_attn_bwd_dkdv_kernel", "_prefix_attn_bwd_dq_kernel")
+                    "_prefix_attn_fwd_kernel", "_prefix_attn_bwd_dkdv_kernel", "_prefix_attn_bwd_kv_kernel",
+                    "_prefix_attn_bwd_dq_kernel")
 
 
 def _config_tag(kw: dict, num_warps: int, num_stages: int) -> str:
@@ -292,12 +302,15 @@ def floor_of(op: str, s: dict) -> dict[str, tuple[float, float]]:
 
 # ------------------------------------------------------------------------------------------------ drivers
 def kernel_module(op: str) -> Any:
-    """fastadapters.kernels.<module> (today's layout) or kernels.<module> (older checkouts)."""
+    """fastadapters.kernels.<module>_launch (launchers split from kernels), else fastadapters.kernels.<module>, else
+    kernels.<module> (checkouts before kernels/ moved under the package)."""
     name = MODULES[op]
-    try:
-        return importlib.import_module(f"fastadapters.kernels.{name}")
-    except ImportError:
-        return importlib.import_module(f"kernels.{name}")
+    for mod in (f"fastadapters.kernels.{name}_launch", f"fastadapters.kernels.{name}", f"kernels.{name}"):
+        try:
+            return importlib.import_module(mod)
+        except ImportError:
+            continue
+    raise ImportError(f"no kernel module for {op}")
 
 
 @contextlib.contextmanager
@@ -368,14 +381,12 @@ def _drive_bottleneck(K, s: dict) -> list[tuple[str, list, list]]:
     h_dt, w_dt = torch.bfloat16, (torch.float32 if s["w"] else torch.bfloat16)
     h, dy = _meta((M, d), h_dt), _meta((M, d), h_dt)
     Wd, Wu = _meta((b, d), w_dt), _meta((d, b), w_dt)
-    scale = _meta((1,), torch.float32)
     parts = []
-    with K.record_launches() as rec, record_aten() as aten:
-        _, pre, a = K.bottleneck_fwd(h, Wd, Wu, None, None, h, scale, 1.0, "silu", 0.0, 1234)
+    with K.record_launches() as rec, record_aten() as aten:  # as the bench calls it: no biases, scaling 1, no dropout
+        _, pre, a = K.bottleneck_fwd(h, Wd, Wu, None, None, h, None, 1.0, "silu", 0.0, 1234)
     parts.append(("fwd", list(rec), list(aten)))
     with K.record_launches() as rec, record_aten() as aten:
-        K.bottleneck_bwd(dy, h, Wd, Wu, None, pre, a, scale, 1.0, "silu", 0.0, 1234, add_dy=True,
-                         need_ddown_bias=False, need_dup_bias=False, need_dscale=False)
+        K.bottleneck_bwd(dy, h, Wd, Wu, None, pre, a, None, 1.0, "silu", 0.0, 1234, add_dy=True)
     parts.append(("bwd", list(rec), list(aten)))
     return parts
 
@@ -386,6 +397,14 @@ def _drive_multi_lora(K, s: dict) -> list[tuple[str, list, list]]:
 
     M, Kd, N, r, n = s["M"], s["K"], s["N"], s["r"], s["n"]
     dt = torch.bfloat16
+    if hasattr(K, "multi_lora_fwd"):
+        try:
+            with K.record_launches() as rec, record_aten() as aten:
+                K.multi_lora_fwd(_meta((M, Kd), dt), _meta((n, r, Kd), dt), _meta((n, N, r), dt),
+                                 _meta((n,), torch.float32), _meta((M,), torch.int64), _meta((M, N), dt))
+            return [("fwd", list(rec), list(aten))]
+        except (RuntimeError, NotImplementedError, AttributeError):  # older launchers sync on the indices: plan()
+            pass
     r_pad = K.rank_pad(r)
     cfg = K.gpu_config(M, r_pad, dt)
     x, A, B = _meta((M, Kd), dt), _meta((n, r_pad, Kd), dt), _meta((n, N, r_pad), dt)
@@ -427,12 +446,29 @@ def _legacy_prefix(K, s: dict, sm90) -> list[Entry]:
     return out
 
 
+def _drive_prefix(K, s: dict) -> list[tuple[str, list, list]]:
+    """Forward and backward, causal with the prefix, MHA, no padding mask (the bench's call)."""
+    import torch
+
+    B, H, L, D, P = s["B"], s["H"], s["L"], s["D"], s["P"]
+    dt = torch.bfloat16
+    q, k, v = _meta((B, H, L, D), dt), _meta((B, H, L, D), dt), _meta((B, H, L, D), dt)
+    pk, pv = _meta((H, P, D), dt), _meta((H, P, D), dt)
+    with K.record_launches() as rec, record_aten() as aten:
+        out, lse = K.prefix_attention_fwd(q, k, v, pk, pv, None, True, D**-0.5)
+    parts = [("fwd", list(rec), list(aten))]
+    with K.record_launches() as rec, record_aten() as aten:
+        K.prefix_attention_bwd(_meta((B, H, L, D), dt), None, q, k, v, pk, pv, None, out, lse, True, D**-0.5)
+    return parts + [("bwd", list(rec), list(aten))]
+
+
 def legacy_entries(op: str, arch: str, s: dict, sm90) -> list[Entry]:
-    """One call at shape `s` through today's launchers, as entries."""
+    """One call at shape `s` through the launchers (on meta tensors, recorded), as entries."""
     K = kernel_module(op)
-    if op == "prefix":
+    if op == "prefix" and not hasattr(K, "record_launches"):  # before the prefix launchers could record
         return _legacy_prefix(K, s, sm90)
-    driver = {"lora": _drive_lora, "bottleneck": _drive_bottleneck, "multi_lora": _drive_multi_lora}[op]
+    driver = {"lora": _drive_lora, "bottleneck": _drive_bottleneck, "multi_lora": _drive_multi_lora,
+              "prefix": _drive_prefix}[op]
     with _target(arch):
         parts = driver(K, s)
     out = []
@@ -451,11 +487,20 @@ def space_entries(op: str, arch: str, full: bool, sm90) -> list[Entry] | None:
         return None
     with _target(arch):
         space = fn(arch, full)
+    is_main = getattr(K, "is_main_loop", None)
     out = []
-    for label, item in space:
+    for item in space:
+        label, item = (item["label"], item) if isinstance(item, dict) else item
         parsed = parse_label(label)
-        if parsed is None:
-            parsed = {"op": op, "loop": label, "main": False, "shape": None, "details": "", "direction": "fwd"}
+        if parsed is None:  # "op/loop/dtype/shape" (the slash form some modules use): the loop is the 2nd field
+            parts = label.split("/")
+            parsed = {"op": op, "loop": parts[1] if len(parts) > 1 else label, "main": False, "shape": None,
+                      "details": label, "direction": "bwd" if len(parts) > 1 and _BWD.search(parts[1]) else "fwd"}
+        if is_main is not None:
+            try:
+                parsed["main"] = parsed["main"] or bool(is_main(label))
+            except Exception:  # noqa: BLE001 -- a label its own helper cannot read: the label's flag stands
+                pass
         spec = sm90.as_spec(label, item)
         if isinstance(item, dict):
             flops, nbytes, info, cfg = None, 0.0, {}, f"w{item.get('num_warps')}s{item.get('num_stages')}"
@@ -473,12 +518,20 @@ def space_entries(op: str, arch: str, full: bool, sm90) -> list[Entry] | None:
     return out
 
 
-def collect(op: str, arch: str, preset: str, sm90) -> tuple[list[Entry], str]:
-    """Every entry of `op` on `arch`: from the module's dispatch_space if it has one (its benchmark-shape
-    entries), else from the legacy drivers at each benchmark shape. Returns (entries, source)."""
-    got = space_entries(op, arch, False, sm90)
-    if got is not None:
-        return got, "dispatch_space"
+def _compile_key(spec: dict, sm90) -> str:
+    import json
+
+    return json.dumps([sm90._kernel_ref(spec["fn"]), spec["signature"],
+                       {a: str(b) for a, b in spec["constexprs"].items()}, spec["num_warps"], spec["num_stages"]],
+                      sort_keys=True)
+
+
+def collect(op: str, arch: str, preset: str, sm90, space: bool = True) -> tuple[list[Entry], str]:
+    """Every entry of `op` on `arch`: one call per benchmark shape through the launchers (meta tensors, recorded
+    under use_target(arch): the default path, every launch of the call), then (`space`) the module's own
+    dispatch_space entries that compile differently (odd shapes, variants behind switches), with shape "" so they
+    count in no call. A call launch takes the main-loop flag of the dispatch-space entry that compiles alike.
+    Returns (entries, source)."""
     out = []
     for s in bench_shapes(op, preset):
         try:
@@ -486,7 +539,28 @@ def collect(op: str, arch: str, preset: str, sm90) -> tuple[list[Entry], str]:
         except Exception as exc:  # noqa: BLE001 -- a launcher that refuses a shape is a row, not a crash
             out.append(Entry(op, s["key"], "driver", False, "fwd", f"{op}@{s['key']}", None, 0.0, 0.0,
                              notes=[f"launcher failed: {type(exc).__name__}: {exc}"]))
-    return out, "legacy driver"
+    got = space_entries(op, arch, False, sm90) if space else None
+    if got is None:
+        return out, "launchers"
+    by_key: dict[str, Entry] = {}
+    for e in got:
+        if e.spec is not None:
+            k = _compile_key(e.spec, sm90)
+            if k not in by_key or (e.main and not by_key[k].main):
+                by_key[k] = e
+    seen = set()
+    for e in out:
+        if e.spec is not None:
+            k = _compile_key(e.spec, sm90)
+            seen.add(k)
+            if k in by_key:
+                e.main = by_key[k].main
+                e.label = by_key[k].label
+    for k, e in by_key.items():
+        if k not in seen:
+            e.shape = ""
+            out.append(e)
+    return out, "launchers + dispatch_space"
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -563,16 +637,12 @@ COLUMNS = ("op", "shape", "arch", "dir", "launch", "main", "config", "ctas", "re
 
 def compile_entries(entries: list[Entry], arch: str, workers: int, sm90) -> None:
     """Compile every entry's spec for `arch` (deduplicated by signature + config), attach the reports."""
-    import json
-
     keyed: dict[str, dict] = {}
     for e in entries:
         if e.spec is not None:
-            s = e.spec
-            k = json.dumps([sm90._kernel_ref(s["fn"]), s["signature"], {a: str(b) for a, b in s["constexprs"].items()},
-                            s["num_warps"], s["num_stages"]], sort_keys=True)
+            k = _compile_key(e.spec, sm90)
             e._key = k  # type: ignore[attr-defined]
-            keyed.setdefault(k, {**s, "label": k, "arch": arch})
+            keyed.setdefault(k, {**e.spec, "label": k, "arch": arch})
     reports = dict(zip(keyed, sm90.compile_many(list(keyed.values()), arch, workers=workers)))
     for e in entries:
         if e.spec is not None:
@@ -584,7 +654,8 @@ def rows_for(entries: list[Entry], arch: str) -> list[dict[str, Any]]:
     for e in entries:
         r = e.report
         rows.append({
-            "op": e.op, "shape": e.shape, "arch": arch, "dir": e.direction, "launch": e.loop,
+            "op": e.op, "shape": e.shape or "(space)", "arch": arch, "dir": e.direction,
+            "launch": e.loop if e.shape else e.label,
             "main": "yes" if e.main else "", "config": e.config, "ctas": e.ctas or "",
             "regs": r.n_regs if r and not r.error else "", "spills": r.n_spills if r and not r.error else "",
             "smem_KiB": round(r.shared / 1024, 1) if r and not r.error else "",

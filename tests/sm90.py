@@ -472,7 +472,29 @@ def selftest_tiny_dot_kernel(p_a, p_c, BLOCK: tl.constexpr):  # p_a: (BLOCK, BLO
     tl.store(p_c + o[:, None] * BLOCK + o[None, :], tl.dot(b_a, b_a))
 
 
+@triton.jit
+def selftest_matmul_kernel(p_a, p_b, p_c, M, N, K,  # p_a: (M, K), p_b: (K, N), p_c: (M, N) fp32, all row-major
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           DOT_PREC: tl.constexpr):
+    """A plain tiled matmul (the gates' self-test: bf16 at BLOCK_N >= 64 is a clean wgmma loop on sm_90, BLOCK_N = 16
+    a narrow one, fp32 with DOT_PREC "ieee" has no MMA at all)."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1).to(tl.int64)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        b_a = tl.load(p_a + o_m[:, None] * K + (k0 + o_k)[None, :], mask=(o_m < M)[:, None], other=0.0)
+        b_b = tl.load(p_b + (k0 + o_k)[:, None] * N + o_n[None, :], mask=(o_n < N)[None, :], other=0.0)
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PREC)
+    tl.store(p_c + o_m[:, None] * N + o_n[None, :], b_acc, mask=(o_m < M)[:, None] & (o_n < N)[None, :])
+
+
 def _worker() -> None:
+    # the checkout this harness belongs to first: a kernel imported by name must be this checkout's (a git worktree
+    # of another commit, not the installed package's)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     specs = json.loads(sys.stdin.read())
     reports = [asdict(_compile_here(s)) for s in specs]
     sys.stdout.write("\n" + json.dumps(reports) + "\n")
