@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from .lora_ref import apply_dropout_mask
 
 
+_UPCAST_ELEMENTS = 1 << 22  # rows of a low-precision W upcast at once in dora_norm_ref (16 MiB of fp32)
+
+
 def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     dtype = torch.float32
     for t in ts:
@@ -61,7 +64,11 @@ def dora_norm_ref(
     A, B = lora_A.to(dtype), lora_B.to(dtype)
     if weight_sq is None:
         weight_sq = dora_weight_sq_ref(weight, dtype)
-    WA = weight.to(dtype) @ A.t()  # (N, r): the one pass over W
+    if weight.dtype == dtype:
+        WA = weight @ A.t()  # (N, r): the one pass over W
+    else:  # bf16/fp16 W: upcast a block of rows at a time, never a whole fp32 copy of W
+        rows = max(1, _UPCAST_ELEMENTS // max(weight.shape[1], 1))
+        WA = torch.cat([weight[i : i + rows].to(dtype) @ A.t() for i in range(0, weight.shape[0], rows)])
     G = A @ A.t()  # (r, r)
     cross = (B * WA).sum(dim=1)
     quad = ((B @ G) * B).sum(dim=1)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import fastadapters as fa
 import fastadapters.tuners.lora as lora_tuner
+from fastadapters.kernels import dora_ref
 from fastadapters.kernels.dora_ref import dora_linear_ref, dora_norm_dense_ref, dora_norm_ref, dora_weight_sq_ref
 from fastadapters.ops.dora import dora_linear, dora_norm
 
@@ -79,9 +80,13 @@ def test_dora_norm_large_delta_and_zero_B():
                                dora_norm_dense_ref(d["weight"], d["lora_A"], big, SCALING), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "rows_chunked"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["fp32W", "bf16W"])
-def test_dora_norm_float32_close_to_float64(wdtype):
-    """In float32 (the layer's precision, also for bf16 weights with fp32 adapters) within a few ulp of float64."""
+def test_dora_norm_float32_close_to_float64(wdtype, chunk, monkeypatch):
+    """In float32 (the layer's precision, also for bf16 weights with fp32 adapters) within a few ulp of float64;
+    a bf16 W is upcast a block of rows at a time (here 1 row of 72 per block with chunk=100)."""
+    if chunk is not None:
+        monkeypatch.setattr(dora_ref, "_UPCAST_ELEMENTS", chunk)
     d = make(k=72, n=40, r=5)
     W = d["weight"].to(wdtype)
     A, B = d["lora_A"].float(), d["lora_B"].float()
@@ -315,3 +320,25 @@ def test_layer_under_torch_compile_matches_eager():
     torch._dynamo.reset()
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_lora_then_dora_on_the_kernel_path():
+    """Two active adapters, plain LoRA first (fused with the base GEMM) then DoRA (rescales the running result,
+    PEFT's order): backend "triton" equals the reference path within fp32 rounding, output and gradients."""
+    layer = dora_layer(k=40, n=24, r=3)
+    layer.update_layer("first", fa.LoraConfig(r=2, lora_dropout=0.0, init_lora_weights=False), "proj")
+    layer.adapter_names.append("first")
+    layer.set_active(["first", "default"])
+    layer.eval()
+    x0 = torch.randn(9, 40, generator=torch.Generator().manual_seed(2))
+    results = []
+    for backend in ("torch", "triton"):
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        with fa.use_backend(backend):
+            y = layer(x)
+        y.square().sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad])
+    assert len(results[0]) == 2 + 5  # A, B of both adapters and the magnitude
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
