@@ -45,41 +45,44 @@ Tensor cores on the layer's real path. A bf16/fp16 model keeps its adapter weigh
   weight gradients are reduced in fp32 and returned in fp32 (bottleneck_launch.py says why the cast is outside
   the kernel). Before this, such a call ran fp32 "ieee" dots on 32x32x64 tiles: in the sm_90 compile, no wgmma
   and no mma.sync, 768 (fwd), 776 (dx) and 1024 (wgrad) fma.rn.f32 in the PTX. Now it compiles to the 16-bit
-  tiles: wgmma m64n256k16 (phase 1) and m64n128k16 (phase 2) on sm_90, mma.sync m16n8k16 on sm_80/86/89.
+  tiles: wgmma m64n256k16 / m64n128k16 (fwd, dx), m64n128k16 (wgrad) on sm_90, mma.sync m16n8k16 on sm_80/86/89.
   fp32 dots remain only for an fp32 model ("ieee" FMAs unless torch allows TF32, as torch's own fp32 matmul).
 
 Weight re-reads (the L2 traffic). Every row program reads both weight matrices in full (2 d b e = 4 MiB at
   d = 4096, b = 256, bf16), from L2 (they stay resident: 4 MiB of 50-60 MB). Per pass over M that is
-  M / BLOCK_M * 4 MiB: 1.07 GB at BLOCK_M = 64, 0.54 GB at 128, against 68.7 GFLOP of math. Options weighed:
-    grid order / persistent grid: does not help, every program needs the whole of both weights whatever the
+  M / BLOCK_M * 4 MiB: 1.07 GB at BLOCK_M = 64, 0.54 GB at 128, for 68.7 GFLOP of math (64 FLOP per L2 byte at
+  64 rows: an H200 at 790 TFLOP/s would need ~12 TB/s of L2 -> SM bandwidth to stay FLOP-bound). Options weighed:
+    grid order / persistent grid: does not help: every program needs the whole of both weights whatever the
       order (the bytes are L2 -> SM, not HBM -> L2; they already hit L2);
-    split into plain GEMMs (pre = h W_d^T, then y = r + s a W_u^T with K = b): a standard 128x256 tile moves
-      M d b e (1/128 + 1/256) = 0.40 GB per GEMM, 0.81 GB for the pair, plus an extra pass over a: no better than
-      128-row fused blocks;
-    larger row blocks: the (BLOCK_M, B) fp32 accumulator is 128 x 256 x 4 = 128 KiB = 128 registers per thread at
-      8 warps, the ceiling of one CTA. Chosen: the forward runs 128-row blocks up to B = 256 on sm_90 (255
-      registers, no spill, 160 KiB shared at 2 stages) and on sm_80 / sm_86 / sm_89 up to B = 128 (99 KiB parts:
-      K step 32, N step 64, 2 stages). The dx epilogue holds three such tiles (t, the pre tile, g): 128 x 256
-      spilled (448 bytes of stack at 8 warps, 320 at 16), so dx keeps 64-row blocks at B >= 128 (1.07 GB of L2
-      reads per pass): the known limit, see "next" below.
-  Cluster multicast (TMA, one weight tile fed to 2-4 SMs) would cut it again; Triton 3.6 does not expose it here.
+    split into plain GEMMs (pre = h W_d^T, then y = r + s a W_u^T with K = b): with 128 x 128 tiles each GEMM moves
+      M d b e (1/128 + 1/128) = 0.54 GB, 1.07 GB for the pair -- exactly the fused kernel's traffic at 64 rows,
+      plus a pass over a; 128 x 256 tiles hit the same register wall as below. No gain;
+    larger row blocks: the (BLOCK_M, B) fp32 accumulator at 128 x 256 is 128 registers per thread at 8 warps, and
+      the activation epilogue needs temporaries beside it. Compiled for sm_90 (Triton 3.6): clean (255 registers)
+      only for silu without biases or dropout; tanh spilled 56-64 bytes, gelu_tanh with biases 520, with dropout
+      192-680; holding the tile as two b halves 8-40 bytes; 16 warps 40-96 bytes. A config that spills for the
+      default activation (tanh) is not shipped.
+  Chosen: 128-row blocks up to B = 128 on sm_90 (0.54 GB per pass at b = 128), 64-row blocks at B = 256 (1.07 GB:
+  the same L2 traffic as a pair of 128x128-tiled GEMMs, i.e. what cuBLAS-class tiling would move for this math).
+  The fix that remains: 2-CTA clusters sharing each weight tile through TMA multicast, or a warp-specialised
+  kernel keeping act(pre) in shared memory -- neither is expressible in Triton 3.6's tl.dot kernels here.
 
 Napkin math (M = 16384, d_in = d_out = 4096, b = 256, bf16; e = 2 bytes; H200: 4.3 TB/s HBM and 790 TFLOP/s as
 measured by the benchmark driver's ceilings; L2 -> SM bandwidth assumed 7-10 TB/s, NOT measured here)
   fwd      FLOPs 4 M d b = 68.7 G -> 87 us; HBM h 134 MB + y 134 MB (+ pre, a 25 MB when training) -> 62 (68) us.
-           Floor 87 us (FLOP-bound). L2 weight reads 0.54 GB -> 54-77 us, overlapped with the math. Plus the
-           weight cast (fp32 weights): 12.6 MB, ~3 us.
+           Floor 87 us (FLOP-bound). L2 weight reads 1.07 GB -> 107-153 us: L2-bound. Plus the weight cast (fp32
+           weights): 12.6 MB, ~3 us.
   bwd dx   FLOPs 4 M d b -> 87 us; HBM dy 134 + dh 134 + pre 17 + a, g 17 MB -> 70 us; L2 weight reads 1.07 GB
-           (64-row blocks) -> 107-153 us: L2-bound.
+           -> 107-153 us: L2-bound.
   bwd w    FLOPs 4 M d b -> 87 us; HBM dy 134 + h 134 MB (+ a, g from L2) -> 62 us; 128x128 output tiles read
-           M (128 + 128) e per tile from L2: 1.07 GB -> 107-153 us, overlapped.
+           M (128 + 128) e per tile from L2: 1.07 GB -> 107-153 us, overlapped with the math (a plain GEMM's ratio).
   fwd+bwd  12 M d b FLOPs (no recompute): 261 us floor, the same as the benchmark's model.
 PREDICTION (from the compiled code and the numbers above, not a measurement; no GPU has run these kernels):
-  fwd 0.10-0.13 ms (1.2-1.5x the 87 us floor), dx 0.12-0.17 ms (1.4-2x), wgrad 0.10-0.15 ms (1.2-1.7x),
-  fwd+bwd 0.33-0.45 ms (1.3-1.7x the 261 us floor), the same with fp32 adapter weights plus ~6 us of casts.
-  Before (fp32 weights): the fp32-FMA path at <= 67 TFLOP/s of CUDA-core fp32 was >= 13x the floor on math alone.
-Next: a dx kernel with 128-row blocks (split t into two J halves, or save act'(pre) instead of pre), measured on
-  a GPU; then a persistent forward with 2-CTA clusters once Triton exposes TMA multicast.
+  fwd 0.11-0.16 ms (1.2-1.8x the 87 us floor), dx 0.11-0.16 ms (1.2-1.8x), wgrad 0.10-0.15 ms (1.2-1.7x),
+  fwd+bwd 0.33-0.47 ms (1.3-1.8x the 261 us floor); with fp32 adapter weights ~6 us more (two casts).
+  Before (fp32 weights): fp32 FMA dots on CUDA cores, <= 67 TFLOP/s on an H100/H200 (datasheet), so >= 12x the
+  floor on math alone, 20-50x by the issue's estimate.
+Next: measure on a GPU; then the cluster / warp-specialised forward and dx above.
 
   memory   saved for backward beyond the caller's h: pre + a, 6 M b = 24 MiB (torch's reference keeps an fp32
            copy of h, 4 M d = 256 MiB, plus two M x b fp32 tensors); backward scratch g (2 M b = 8 MiB) and the

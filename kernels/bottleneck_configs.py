@@ -7,12 +7,15 @@ weight-gradient split over M is `wgrad_split(tgt, ...)`: a function of the arch 
 weight gradients round the same way on every run (no config race decides how M is cut).
 
 Tables, one per arch family, every entry compiled by tests/test_sm90_bottleneck.py for the archs that pick it
-(no spills, shared memory within the limit; numbers below are from those compiles, Triton 3.6):
-  hopper (sm_90, 227 KiB)  fwd 128-row blocks up to B = 256 (128x64x128, 8 warps: 255 registers, no spill,
-                           160 KiB shared at 2 stages, wgmma m64n256 / m64n128); dx 64-row blocks from B = 128 on
-                           (its epilogue holds three (BLOCK_M, B) fp32 tiles: 128 x 256 spilled 448 bytes)
-  ampere (sm_80, 163 KiB)  the same tiles with the stage counts that fit (fwd B = 256: 64-row blocks, 112 KiB)
-  small (sm_86 / sm_89, 99 KiB)  K step 32, N step 64, 2 stages (fwd B = 256: 72 KiB)
+(no spills, shared memory within the limit; Triton 3.6). The row kernels hold (BLOCK_M, B) fp32 tiles in
+registers, so BLOCK_M * B <= 16K at 8 warps for every variant (activation, dropout, biases, learned scale):
+  hopper (sm_90, 227 KiB)  128-row blocks up to B = 128 (fwd 128x64x128, 3 stages), 64-row blocks at B = 256
+                           (64x64x128, 2 stages, 176 KiB shared, wgmma m64n256 / m64n128). 128 x 256 was tried
+                           (sm_90 compiles, 8 warps): 255 registers and no spill only for silu without biases or
+                           dropout; tanh 56-64 bytes of stack, gelu_tanh with biases 520, with dropout 192-680;
+                           two b halves (separate accumulators) 8-40; 16 warps 40-96: not shipped
+  ampere (sm_80, 163 KiB)  the same tiles, 64-row blocks from B = 128 (mma.sync holds the same tiles)
+  small (sm_86 / sm_89, 99 KiB)  K step 32, N step 64, 2 stages (B = 256: 72 KiB), 64-row blocks from B = 128
 Large b (B >= 512) runs the chunked mode (block_j < B). fp32 dot operands (an fp32 model) and unaligned shapes
 (sizes / row strides not multiples of 16: no vector loads, no cp.async) keep small tiles: correct, not tuned.
 """
@@ -62,15 +65,15 @@ class WgradConfig:
 _R = RowConfig
 # Keyed by padded bottleneck B (16 .. 1024). Fused mode (block_j None) keeps (BLOCK_M, B) fp32 tiles in registers.
 _HOPPER_FWD = {16: _R(128, 64, 128, 8, 3), 32: _R(128, 64, 128, 8, 3), 64: _R(128, 64, 128, 8, 3),
-               128: _R(128, 64, 128, 8, 3), 256: _R(128, 64, 128, 8, 2),
+               128: _R(128, 64, 128, 8, 3), 256: _R(64, 64, 128, 8, 2),
                512: _R(64, 64, 128, 8, 3, 128), 1024: _R(64, 64, 128, 8, 3, 128)}
 _HOPPER_DX = {16: _R(128, 64, 64, 8, 3), 32: _R(128, 64, 64, 8, 3), 64: _R(128, 64, 64, 8, 3),
               128: _R(64, 64, 128, 8, 3), 256: _R(64, 64, 128, 8, 2),
               512: _R(64, 64, 128, 8, 3, 128), 1024: _R(64, 64, 128, 8, 3, 128)}
-_AMPERE_FWD = {**_HOPPER_FWD, 256: _R(64, 64, 128, 8, 2)}
+_AMPERE_FWD = {**_HOPPER_FWD, 128: _R(64, 64, 128, 8, 3)}
 _AMPERE_DX = _HOPPER_DX
 _SMALL_FWD = {16: _R(128, 32, 64, 8, 2), 32: _R(128, 32, 64, 8, 2), 64: _R(128, 32, 64, 8, 2),
-              128: _R(128, 32, 64, 8, 2), 256: _R(64, 32, 64, 8, 2),
+              128: _R(64, 32, 64, 8, 2), 256: _R(64, 32, 64, 8, 2),
               512: _R(64, 32, 64, 8, 2, 64), 1024: _R(64, 32, 64, 8, 2, 64)}
 _SMALL_DX = {16: _R(128, 32, 64, 8, 2), 32: _R(128, 32, 64, 8, 2), 64: _R(128, 32, 64, 8, 2),
              128: _R(64, 32, 64, 8, 2), 256: _R(64, 32, 64, 8, 2),

@@ -27,7 +27,7 @@ import triton
 
 from ._common import Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, shape_bucket, target, tuned, use_target
+from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
 from .bottleneck import ACTIVATIONS, _bottleneck_bwd_dx_kernel, _bottleneck_bwd_w_kernel, _bottleneck_fwd_kernel
 from .bottleneck_configs import (
     INTERPRETER_ROW,
@@ -46,7 +46,7 @@ from .bottleneck_configs import (
 __all__ = [
     "ACTIVATIONS", "INTERPRETER_ROW", "INTERPRETER_WGRAD", "MAX_BOTTLENECK", "PADDED_BOTTLENECKS", "RowConfig",
     "WgradConfig", "bottleneck_bwd", "bottleneck_dropout_mask", "bottleneck_fwd", "bottleneck_pad", "dispatch_space",
-    "dot_dtype", "is_main_loop", "record_launches", "sm90_dispatch_space", "use_configs",
+    "compile_key", "distinct_compiles", "dot_dtype", "is_main_loop", "record_launches", "sm90_dispatch_space", "use_configs",
 ]
 
 # The launches whose main loops are GEMM-sized: the forward's phase 2 (N = d_out) and the dx kernel's phase 2
@@ -189,8 +189,9 @@ def bottleneck_fwd(
         aligned = _aligned([h, down_weight, up_weight, down_bias, up_bias, res, y],
                            [d_in, d_out, nb, h.stride(0), res.stride(0)])
         cfg = config or _row_config("fwd", dev, dt, M, d_in, d_out, B, aligned)
+        bj = cfg.bj(B)
         p_a = a
-        if cfg.bj(B) < B and not save_pre:  # chunked mode parks act(pre) in memory between its phases
+        if bj < B and not save_pre:  # chunked mode parks act(pre) in memory between its phases
             p_a = torch.empty((M, nb), device=dev, dtype=dt)
         kwargs = dict(
             p_h=h, p_down=down_weight, p_up=up_weight,
@@ -200,7 +201,7 @@ def bottleneck_fwd(
             p_a=p_a if p_a.numel() else y,
             M=M, D_IN=d_in, D_OUT=d_out, NB=nb, s_hm=h.stride(0), s_rm=res.stride(0), s_ym=y.stride(0),
             scaling=float(scaling), seed=int(seed), drop_thr=int(thr), drop_scale=float(rescale),
-            B=B, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_J=cfg.bj(B),
+            B=B, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_J=bj,
             ACTIVATION=activation, HAS_DOWN_BIAS=down_bias is not None, HAS_UP_BIAS=up_bias is not None,
             LEARNED_SCALE=scale is not None, HAS_DROPOUT=dropout, SAVE_PRE=bool(save_pre),
             DOT_FP32=dt == torch.float32, DOT_PREC=_dot_precision(torch.float32),
@@ -364,11 +365,13 @@ def bottleneck_dropout_mask(shape: tuple[int, int], p: float, seed: int,
 
 # ------------------------------------------------------------------------------------------------ dispatch space
 # Benchmark shapes (benchmarks/bench_bottleneck.py presets: M in 4096, 16384; d = 4096; b = 256; series adapter,
-# silu) on the bf16 model's two weight dtypes, and odd shapes (sizes not multiples of 16, b = 5 / 100 / 1000,
-# d_in != d_out) and one large bottleneck (the chunked mode). Each with dropout, both biases, a learned scale and every gradient (the heaviest variant of each
-# config: the flags only remove code).
+# silu; no biases, dropout or learned scale) on the bf16 model's two weight dtypes; odd shapes (sizes not multiples
+# of 16, b = 5 / 100 / 1000, d_in != d_out) and two aligned ones (b = 256, b = 1024: the chunked mode), each with
+# dropout, both biases, a learned scale and every gradient (the heaviest variant of each config: flags only remove
+# code).
 BENCH_SHAPES = ((4096, 4096, 4096, 256), (16384, 4096, 4096, 256))
-LARGE_B = ((2048, 4096, 4096, 1024),)  # the chunked mode (B > 256), aligned
+# aligned, every feature on: the benchmark's tiles with dropout, biases and the learned scale, and the chunked mode
+ALIGNED_ODD = ((4096, 4096, 4096, 256), (2048, 4096, 4096, 1024))
 ODD_SHAPES = ((37, 72, 40, 5), (1000, 4104, 4104, 100), (1000, 1000, 1032, 1000))
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -383,7 +386,7 @@ def _constexprs(kernel) -> set[str]:
     return {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
 
 
-def _compile_key(launch: Launch) -> tuple:
+def compile_key(launch: Launch) -> tuple:
     """What makes two launches compile to the same binary (Triton's runtime specialisation: constexprs, dtypes,
     integers equal to 1 or divisible by 16, the launch's warps and stages)."""
     consts = _constexprs(launch.kernel)
@@ -401,8 +404,28 @@ def _compile_key(launch: Launch) -> tuple:
     return tuple(key)
 
 
-def _record(arch: str, h_dt: torch.dtype, w_dt: torch.dtype, shape: tuple[int, int, int, int],
+def _arch_target(arch: str) -> Target:
+    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
+    (benchmarks/static.py builds one for sm_100)."""
+    if arch in ARCHS:
+        return ARCHS[arch]
+    forced = forced_target()
+    if forced is not None and forced.arch == arch:
+        return forced
+    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def _cfg_tag(launch: Launch) -> str:
+    kw = launch.kwargs
+    dims = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N", "BLOCK_J") if k in kw)
+    return f"{dims}-w{launch.num_warps}s{launch.num_stages}"
+
+
+def _record(tgt: Target, h_dt: torch.dtype, w_dt: torch.dtype, shape: tuple[int, int, int, int], kind: str,
             prec: str = "highest") -> list[tuple[str, Launch]]:
+    """One forward + backward on meta tensors under `tgt`, labelled per the static report's convention
+    (benchmarks/static.py): "bottleneck/<role>[#main]@<shape key>:<config>"; kind "bench" (a benchmark shape:
+    fwd / dx / wgrad are main loops, key M..-d..-b..-<dtype>[-fp32w] as the report's bench_shapes) or "odd"."""
     M, d_in, d_out, nb = shape
     meta = torch.device("meta")
     h = torch.empty((M, d_in), device=meta, dtype=h_dt)
@@ -410,68 +433,88 @@ def _record(arch: str, h_dt: torch.dtype, w_dt: torch.dtype, shape: tuple[int, i
     res = torch.empty((M, d_out), device=meta, dtype=h_dt) if d_in != d_out else None
     Wd = torch.empty((nb, d_in), device=meta, dtype=w_dt)
     Wu = torch.empty((d_out, nb), device=meta, dtype=w_dt)
-    bd = torch.empty((nb,), device=meta, dtype=w_dt)
-    bu = torch.empty((d_out,), device=meta, dtype=w_dt)
-    scale = torch.empty((1,), device=meta, dtype=torch.float32)
+    bias = kind != "bench"  # the benchmark's call has no biases, no learned scale, no dropout (bench_bottleneck)
+    bd = torch.empty((nb,), device=meta, dtype=w_dt) if bias else None
+    bu = torch.empty((d_out,), device=meta, dtype=w_dt) if bias else None
+    scale = torch.empty((1,), device=meta, dtype=torch.float32) if bias else None
+    p = 0.05 if bias else 0.0
     old = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(prec)
     try:
-        with use_target(arch), record_launches() as rec:
+        with use_target(tgt), record_launches() as rec:
             start = len(_roles)
-            _, pre, a = bottleneck_fwd(h, Wd, Wu, bd, bu, res, scale, 1.0, "gelu_tanh", 0.05, 1234)
-            bottleneck_bwd(dy, h, Wd, Wu, bu, pre, a, scale, 1.0, "gelu_tanh", 0.05, 1234, add_dy=res is None,
-                           need_ddown_bias=True, need_dup_bias=True, need_dscale=True)
+            _, pre, a = bottleneck_fwd(h, Wd, Wu, bd, bu, res, scale, 1.0, "silu" if not bias else "gelu_tanh", p,
+                                       1234)
+            bottleneck_bwd(dy, h, Wd, Wu, bu, pre, a, scale, 1.0, "silu" if not bias else "gelu_tanh", p, 1234,
+                           add_dy=res is None, need_ddown_bias=bias, need_dup_bias=bias, need_dscale=bias)
             roles = list(_roles[start:])
     finally:
         torch.set_float32_matmul_precision(old)
     w = "" if w_dt == h_dt else f"-{_TY[w_dt]}w"
-    p = f"-{prec}" if h_dt == torch.float32 else ""
-    tag = f"M{M}-din{d_in}-dout{d_out}-b{nb}"
-    return [(f"bottleneck/{role}/{_TY[h_dt]}{w}{p}/{tag}", launch) for role, launch in zip(roles, rec, strict=True)]
+    pr = f"-{'tf32' if prec == 'high' else 'ieee'}" if h_dt == torch.float32 else ""
+    if kind == "bench":
+        key = f"M{M}-d{d_in}-b{nb}-{_TY[h_dt]}{w}{pr}"
+    else:
+        key = f"odd-M{M}-din{d_in}-dout{d_out}-b{nb}-{_TY[h_dt]}{w}{pr}"
+    main = kind == "bench" and h_dt != torch.float32  # fp32 models keep fp32 dots (FMAs or tf32): not gated
+    return [(f"bottleneck/{role}{'#main' if main and role in MAIN_LOOP_ROLES else ''}@{key}:{_cfg_tag(launch)}",
+             launch) for role, launch in zip(roles, rec, strict=True)]
 
 
 def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     """(label, launch) for what a forward + backward dispatches to on a GPU of `arch`, from the real launchers on
-    meta tensors under `use_target(arch)` (exactly the configs that GPU would pick), one launch per distinct compile
-    (the first label that needs it), plus the dropout-mask kernel (tests only).
+    meta tensors under `use_target(arch)` (exactly the configs that GPU would pick): every launch of every call,
+    not deduplicated (the static report sums a call's launches; `compile_key` tells which compile alike), plus the
+    dropout-mask kernel (tests only; no call).
 
-    Labels: "bottleneck/<role>/<dtype>[-fp32w][-<fp32 precision>]/M..-din..-dout..-b.."; roles fwd, dx, wgrad
-    (MAIN_LOOP_ROLES: see `is_main_loop`) and dropout_mask. Default: the benchmark shapes on a bf16 model with
-    fp32 and with bf16 adapter weights (fp32: the layer's real path), b = 1024 and the odd shapes in bf16. full: fp16 and fp32
-    models ("ieee" and "tf32") at every shape, every padded bottleneck 16..1024 at M = 4096, d = 4096.
+    Labels (benchmarks/static.py's convention): "bottleneck/<role>[#main]@<shape>:<config>", roles fwd, dx, wgrad,
+    dropout_mask; shapes "M16384-d4096-b256-bf16-fp32w" (the benchmark shapes: #main on fwd / dx / wgrad) and
+    "odd-M..-din..-dout..-b..-<dtype>". Default: the benchmark shapes (benchmarks/bench_bottleneck.py's full preset,
+    with dropout, biases and the learned scale off as the benchmark calls it) on a bf16 model with fp32 adapter
+    weights (the layer's real path) and bf16 ones (the benchmark's), and the odd shapes (aligned b = 256 and
+    b = 1024, unaligned ones)
+    (every feature on: dropout, both biases, learned scale, all gradients). full: fp16 and fp32 models too, and
+    every padded bottleneck 16..1024 at M = 4096, d = 4096 and its unaligned twin (d = 4104, b = B - 3).
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    tgt = _arch_target(arch)
     global _overrides
     outer, _overrides = _overrides, _Overrides()  # the configs a GPU would pick, not a test's fixed ones
     try:
-        runs: list[list[tuple[str, Launch]]] = []
-        for shape in BENCH_SHAPES:  # the layer's real path first: its labels win the deduplication
-            runs.append(_record(arch, torch.bfloat16, torch.float32, shape))
-            runs.append(_record(arch, torch.bfloat16, torch.bfloat16, shape))
-        for shape in LARGE_B + ODD_SHAPES:
-            runs.append(_record(arch, torch.bfloat16, torch.float32, shape))
+        out: list[tuple[str, Launch]] = []
+        for shape in BENCH_SHAPES:
+            out += _record(tgt, torch.bfloat16, torch.float32, shape, "bench")
+            out += _record(tgt, torch.bfloat16, torch.bfloat16, shape, "bench")
+        for shape in ALIGNED_ODD + ODD_SHAPES:
+            out += _record(tgt, torch.bfloat16, torch.float32, shape, "odd")
         if full:
-            for shape in BENCH_SHAPES + ODD_SHAPES:
-                runs.append(_record(arch, torch.float16, torch.float32, shape))
-                runs.append(_record(arch, torch.float32, torch.float32, shape, "highest"))
-                runs.append(_record(arch, torch.float32, torch.float32, shape, "high"))
+            for shape in BENCH_SHAPES:
+                out += _record(tgt, torch.float16, torch.float32, shape, "bench")
+                out += _record(tgt, torch.float32, torch.float32, shape, "bench", "highest")
+                out += _record(tgt, torch.float32, torch.float32, shape, "bench", "high")
+            for shape in ODD_SHAPES:
+                out += _record(tgt, torch.float16, torch.float32, shape, "odd")
+                out += _record(tgt, torch.float32, torch.float32, shape, "odd", "highest")
+                out += _record(tgt, torch.float32, torch.float32, shape, "odd", "high")
             for B in PADDED_BOTTLENECKS:
-                runs.append(_record(arch, torch.bfloat16, torch.float32, (4096, 4096, 4096, B)))
-                runs.append(_record(arch, torch.bfloat16, torch.float32, (4096, 4104, 4104, B - 3)))
+                out += _record(tgt, torch.bfloat16, torch.float32, (4096, 4096, 4096, B), "odd")
+                out += _record(tgt, torch.bfloat16, torch.float32, (4096, 4104, 4104, B - 3), "odd")
         with record_launches() as rec:
             bottleneck_dropout_mask((4096, 4096), 0.05, 1234, device="meta")
-        runs.append([("bottleneck/dropout_mask/fp32/M4096-d4096", rec[0])])
+        out.append((f"bottleneck/dropout_mask:{_cfg_tag(rec[0])}", rec[0]))
     finally:
         _overrides = outer
+    return out
+
+
+def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
+    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
     seen: set[tuple] = set()
-    out: list[tuple[str, Launch]] = []
-    for run in runs:
-        for label, launch in run:
-            key = _compile_key(launch)
-            if key not in seen:
-                seen.add(key)
-                out.append((label, launch))
+    out = []
+    for label, launch in space:
+        key = compile_key(launch)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, launch))
     return out
 
 
@@ -482,10 +525,7 @@ def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
 
 def is_main_loop(label: str) -> bool:
     """Whether a dispatch_space label is a GEMM-sized main loop with a model dimension as N (the wgmma N >= 64
-    gate): the fwd / dx / wgrad launches at the benchmark shapes. The odd shapes are compiled and checked for
-    resources, not held to the gate: there b = 5 pads to 16 (phase-1 MMA N = 16, by design) and unaligned sizes
-    take the small correct-not-tuned tiles."""
-    parts = label.split("/")
-    if len(parts) < 4 or parts[1] not in MAIN_LOOP_ROLES:
-        return False
-    return parts[3] in {f"M{M}-din{di}-dout{do}-b{b}" for M, di, do, b in BENCH_SHAPES}
+    gate): "#main" in the label, i.e. fwd / dx / wgrad at the benchmark shapes on a 16-bit model. The odd shapes
+    are compiled and checked for resources, not held to the gate: b = 5 pads to 16 (phase-1 MMA N = 16, by design)
+    and unaligned sizes take small correct-not-tuned tiles."""
+    return "#main" in label.split("@", 1)[0]

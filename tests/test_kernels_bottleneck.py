@@ -357,7 +357,7 @@ def test_tuned_table_entry_wins(tmp_path, monkeypatch):
     gpu = _configs.Target("sm_90", (9, 0), 232448, 132, "Test GPU 9000")
     h, wd, wu = _meta_case()
     try:
-        for tgt, want in ((gpu, (64, 32, 64, 4)), (_configs.ARCHS["sm_90"], (128, 64, 128, 8))):
+        for tgt, want in ((gpu, (64, 32, 64, 4)), (_configs.ARCHS["sm_90"], (64, 64, 128, 8))):
             with _configs.use_target(tgt), K.record_launches() as rec:
                 K.bottleneck_fwd(h, wd, wu, None, None, None, None, 1.0, "silu")
             kw = rec[0].kwargs

@@ -6,9 +6,9 @@ come from the real launchers on meta tensors under use_target(arch) (fastadapter
 dispatch_space), so the specialisation (16-divisible sizes, aligned pointers, or not) and the configs match what
 that GPU would run.
 
-Default run (26 compiles; 1-3 min on 2 busy cores with a cold Triton cache, seconds warm): the whole default space
-for sm_90 (benchmark shapes with fp32 and bf16 weights, b = 1024, odd shapes, the dropout mask) and the benchmark
-shapes' real path (fp32 weights) for sm_80, sm_86 and sm_89. FASTADAPTERS_SM90_FULL=1 adds the full space on
+Default run (one compile per distinct binary, 37 in all): the whole default space for sm_90 (the benchmark shapes'
+call, the same tiles with dropout, biases and a learned scale, b = 1024, odd shapes, the dropout mask) and for
+sm_80, sm_86 and sm_89 the benchmark shapes' call and its every-feature twin (b = 256, aligned). FASTADAPTERS_SM90_FULL=1 adds the full space on
 every arch (fp16 and fp32 models, every padded bottleneck 16..1024, aligned and unaligned).
 """
 
@@ -34,11 +34,11 @@ FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
 
 
 def _space() -> list[tuple[str, str, object]]:
-    """(arch, label, launch): the default set (see the module docstring)."""
-    out = [("sm_90", label, launch) for label, launch in K.dispatch_space("sm_90")]
+    """(arch, label, launch): the default set (see the module docstring), one per distinct compile."""
+    out = [("sm_90", label, launch) for label, launch in K.distinct_compiles(K.dispatch_space("sm_90"))]
     for arch in ("sm_80", "sm_86", "sm_89"):
-        out += [(arch, label, launch) for label, launch in K.dispatch_space(arch)
-                if "/bf16-fp32w/M4096-" in label]
+        out += [(arch, label, launch) for label, launch in K.distinct_compiles(K.dispatch_space(arch))
+                if "@M4096-d4096-b256-bf16-fp32w:" in label or "@odd-M4096-din4096-dout4096-b256-" in label]
     return out
 
 
@@ -85,7 +85,7 @@ def test_real_path_runs_on_16bit_operands_on_every_arch():
     test above then shows the MMAs); the fp32-operand flag is off everywhere."""
     for arch in ARCHS:
         for label, launch in K.dispatch_space(arch):
-            if "/bf16-fp32w/" not in label or "/dropout_mask/" in label:
+            if "-fp32w" not in label:
                 continue
             assert launch.kwargs["DOT_FP32"] is False, (arch, label)
             for name in ("p_down", "p_up"):
@@ -99,23 +99,26 @@ def test_space_labels_and_main_loops():
     the 99 KiB parts get smaller tiles than sm_90."""
     for arch in ARCHS:
         space = dict(K.dispatch_space(arch))
-        roles = {label.split("/")[1] for label in space}
+        roles = {label.split("/")[1].split("@")[0].split(":")[0].removesuffix("#main") for label in space}
         assert roles == {"fwd", "dx", "wgrad", "dropout_mask"}, (arch, roles)
         mains = [label for label in space if K.is_main_loop(label)]
-        assert {label.split("/")[1] for label in mains} == {"fwd", "dx", "wgrad"}, (arch, mains)
+        assert len(mains) == 12, (arch, mains)  # 3 kernels x 2 benchmark M x 2 weight dtypes
+        assert all("@M" in label and "-b256-bf16" in label for label in mains), mains
         for label, launch in space.items():
             assert set(launch.kwargs) == set(launch.kernel.arg_names), label
             assert all(g <= 65535 for g in launch.grid[1:]), (label, launch.grid)
-    fwd90 = dict(K.dispatch_space("sm_90"))["bottleneck/fwd/bf16-fp32w/M4096-din4096-dout4096-b256"]
-    fwd86 = dict(K.dispatch_space("sm_86"))["bottleneck/fwd/bf16-fp32w/M4096-din4096-dout4096-b256"]
-    assert fwd90.kwargs["BLOCK_M"] == 128  # the weight re-read fix: 128-row blocks on sm_90
+    def fwd(arch: str):
+        return next(launch for label, launch in K.dispatch_space(arch)
+                    if label.startswith("bottleneck/fwd#main@M16384-d4096-b256-bf16-fp32w:"))
+
+    fwd90, fwd86 = fwd("sm_90"), fwd("sm_86")
     assert fwd86.kwargs["BLOCK_K"] * fwd86.kwargs["BLOCK_N"] < fwd90.kwargs["BLOCK_K"] * fwd90.kwargs["BLOCK_N"]
 
 
 @pytest.mark.skipif(not FULL, reason="set FASTADAPTERS_SM90_FULL=1 (the full space on every arch, ~300 compiles)")
 def test_full_space_compiles_on_every_arch():
     specs = [{**spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label),
-              "arch": arch} for arch in ARCHS for label, launch in K.dispatch_space(arch, full=True)]
+              "arch": arch} for arch in ARCHS for label, launch in K.distinct_compiles(K.dispatch_space(arch, True))]
     problems = []
     for r in compile_many(specs):
         p = r.problems() + _tensor_core_problems(r, r.label)
