@@ -1,5 +1,8 @@
-// The one pybind11 entry file of the fastadapters C++/CUDA extension (built by fastadapters/ext.py through
-// torch.utils.cpp_extension + ninja). It checks arguments once, for every device, and dispatches to
+// The one entry file of the fastadapters C++/CUDA extension (built by fastadapters/ext.py through
+// torch.utils.cpp_extension + ninja). The op is registered with the dispatcher (TORCH_LIBRARY_FRAGMENT, so
+// torch.ops.fastadapters.multi_lora_bgmv_ runs through it and torch.compile sees it; its fake is registered in
+// fastadapters/ext.py) and kept as a pybind11 function for direct callers. It checks arguments once, for every
+// device, and dispatches to
 //   multi_lora_bgmv_cpu   (csrc/multi_lora_cpu.cpp, always built)
 //   multi_lora_bgmv_cuda  (csrc/multi_lora_cuda.cu, built when FASTADAPTERS_WITH_CUDA is defined)
 //
@@ -12,6 +15,7 @@
 // Not <torch/extension.h>: it pulls in the whole C++ frontend and triples the compile time of this file.
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include <string>
 
@@ -99,6 +103,28 @@ bool has_cuda() {
 #endif
 }
 
+// The dispatcher's entry: a fragment of the "fastadapters" namespace (the Triton ops of fastadapters.ops live in
+// the same namespace, defined from Python). One implementation serves CPU and CUDA: it checks and branches on the
+// device itself, as the pybind entry does.
+// It returns nothing (the schema's "-> ()"): torch.compile functionalizes a custom op that mutates `out` only
+// when no output aliases an input.
+void multi_lora_bgmv_op(at::Tensor out, const at::Tensor& x, const at::Tensor& lora_A_stack,
+                        const at::Tensor& lora_B_stack, const at::Tensor& scalings,
+                        const at::Tensor& token_adapter_idx) {
+  multi_lora_bgmv_(out, x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastadapters, m) {
+  m.def("multi_lora_bgmv_(Tensor(a!) out, Tensor x, Tensor lora_A_stack, Tensor lora_B_stack, Tensor scalings, "
+        "Tensor token_adapter_idx) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastadapters, CPU, m) { m.impl("multi_lora_bgmv_", &multi_lora_bgmv_op); }
+
+#ifdef FASTADAPTERS_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastadapters, CUDA, m) { m.impl("multi_lora_bgmv_", &multi_lora_bgmv_op); }
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastadapters C++/CUDA kernels (optional; see fastadapters/ext.py)";
   m.def("multi_lora_bgmv_", &multi_lora_bgmv_,
@@ -106,5 +132,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("x"), py::arg("lora_A_stack"), py::arg("lora_B_stack"), py::arg("scalings"),
         py::arg("token_adapter_idx"));
   m.def("has_cuda", &has_cuda, "whether this build holds the CUDA kernels");
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;  // 2: the op is also registered as torch.ops.fastadapters.multi_lora_bgmv_
 }

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 NAME = "fastadapters_ext"
-ABI_VERSION = 1  # bump with csrc/fastadapters_ext.cpp's ABI_VERSION when the bound functions change
+ABI_VERSION = 2  # bump with csrc/fastadapters_ext.cpp's ABI_VERSION when the bound functions change
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CPU_SOURCES = ("fastadapters_ext.cpp", "multi_lora_cpu.cpp")
 CUDA_SOURCES = ("multi_lora_cuda.cu",)
@@ -220,12 +220,35 @@ def load(build: bool = True) -> ModuleType | None:
                 (folder / "build_info.json").write_text(json.dumps(record, indent=1))
                 _info.update(cached=False, load_seconds=seconds)
             _info.update(folder=str(folder), with_cuda=bool(mod.has_cuda()))
+            _register_fake()
             _module = mod
             return mod
         except Exception as e:  # anything: the extension is optional
             first = str(e).strip().splitlines()
             _fail(f"{type(e).__name__}: {first[0] if first else ''}"[:500])
             return None
+
+
+OP = "fastadapters::multi_lora_bgmv_"  # the dispatcher's name of the C++ op (csrc/fastadapters_ext.cpp)
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    """The op's fake (meta) implementation, so torch.compile traces through it: it mutates `out` in place and
+    returns nothing. Once per process."""
+    global _fake_registered
+    if _fake_registered:
+        return
+    torch.library.register_fake(OP)(lambda out, x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx: None)
+    _fake_registered = True
+
+
+def bgmv_op() -> Any:
+    """The C++ BGMV op through the dispatcher (torch.ops.fastadapters.multi_lora_bgmv_), loading the extension
+    first; None when it is unavailable. Call it as op(out, x, lora_A_stack, lora_B_stack, scalings, idx)."""
+    if load() is None:
+        return None
+    return torch.ops.fastadapters.multi_lora_bgmv_
 
 
 def loaded() -> ModuleType | None:

@@ -74,8 +74,8 @@ def test_cpu_op_matches_reference(mod, dtype, idx_dtype, shape, nan_poison):
 def test_registry_backend_cuda_runs_the_extension_on_cpu(mod, monkeypatch):
     x, A, B, s, idx = case()
     calls = []
-    real = mod.multi_lora_bgmv_
-    monkeypatch.setattr(mod, "multi_lora_bgmv_", lambda *a: calls.append(1) or real(*a), raising=False)
+    real = ext.bgmv_op()
+    monkeypatch.setattr(ext, "bgmv_op", lambda: lambda *a: calls.append(1) or real(*a))
     with fa.use_backend("cuda"):
         got = multi_lora_delta(x.view(1, 37, 72), A, B, s, idx.view(1, 37))
     assert calls == [1]
@@ -124,6 +124,27 @@ def test_binding_argument_checks(mod, mutate, match):
     mutate(a)
     with pytest.raises(RuntimeError, match=match):
         mod.multi_lora_bgmv_(a["out"], a["x"], a["A"], a["B"], a["s"], a["idx"])
+
+
+def test_op_is_registered_with_the_dispatcher_and_compiles(mod, nan_poison):
+    """TORCH_LIBRARY: torch.ops.fastadapters.multi_lora_bgmv_ runs the C++ code through the dispatcher (same bits
+    as the pybind entry), has a fake (meta) implementation, and torch.compile(fullgraph=True) traces it."""
+    op = torch.ops.fastadapters.multi_lora_bgmv_
+    assert ext.bgmv_op() is op
+    x, A, B, s, idx = case()
+    out1, out2 = torch.ones(37, 40), torch.ones(37, 40)
+    assert op(out1, x, A, B, s, idx) is None  # in place
+    mod.multi_lora_bgmv_(out2, x, A, B, s, idx)
+    assert torch.equal(out1, out2) and not torch.equal(out1, torch.ones(37, 40))
+    op(*[t.to("meta") for t in (torch.ones(37, 40), x, A, B, s, idx)])  # the fake: no data, no error
+
+    def f(out, x, A, B, s, idx):
+        torch.ops.fastadapters.multi_lora_bgmv_(out, x, A, B, s, idx)
+        return out * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(torch.ones(37, 40), x, A, B, s, idx)
+    assert torch.equal(got, out1 * 2)
 
 
 def test_cuda_code_only_with_a_gpu_and_toolkit(mod):

@@ -72,7 +72,7 @@ def triton_kernels(request, monkeypatch):
     test runs; the module is (re)imported under it so its kernels are interpreted). When this process cannot
     interpret (triton imported before TRITON_INTERPRET was set), the test ran in a child process
     (`interpreter_child`): its result is reported here and the fixture returns None (the test body returns)."""
-    name = "fastadapters.kernels.multi_lora"
+    name = "fastadapters.kernels.multi_lora_launch"  # the launchers; the kernels are in kernels/multi_lora.py
     if CUDA:
         return importlib.import_module(name)
     if not _interpreter_in_process():
@@ -86,7 +86,9 @@ def triton_kernels(request, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     mod = sys.modules.get(name)
     if mod is None or not mod.INTERPRETED:
-        mod = importlib.reload(mod) if mod is not None else importlib.import_module(name)
+        for dep in ("fastadapters.kernels._common", "fastadapters.kernels.multi_lora", name):  # in import order
+            m = sys.modules.get(dep)
+            mod = importlib.reload(m) if m is not None else importlib.import_module(dep)
     return mod
 
 
@@ -214,6 +216,26 @@ def test_triton_grouping_is_cached_per_index_tensor(triton_kernels):
     assert g1.seg_start.tolist() == [0, 1, 2, 5] and g1.tile_off.tolist() == [0, 1, 2, 3]
     idx[1] = 0  # in place: the version changes, the grouping is recomputed
     assert triton_kernels.group_tokens(idx, 3, 16).seg_start.tolist() == [0, 2, 3, 6]
+
+
+def test_triton_path_is_a_custom_op_that_compiles(triton_kernels, nan_poison):
+    """The Triton kernels run as torch.ops.fastadapters.multi_lora_sgmv_ (mutates out): callable directly, with a
+    fake for tracing, and torch.compile(fullgraph=True) keeps it in one graph."""
+    if triton_kernels is None:
+        return  # ran in the interpreter child process (see the fixture)
+    x, A, B, s, idx = make_case()
+    out = torch.zeros(37, 40, device=x.device)
+    torch.ops.fastadapters.multi_lora_sgmv_(x, A, B, s, idx, out)
+    three_way(out, x, A, B, s, idx, atol=1e-5)
+
+    def f(x, A, B, s, idx):
+        o = torch.zeros(x.shape[0], B.shape[1], device=x.device, dtype=x.dtype)
+        torch.ops.fastadapters.multi_lora_sgmv_(x, A, B, s, idx, o)
+        return o * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, A, B, s, idx)
+    torch.testing.assert_close(got, out * 2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
-"""The multi-LoRA kernels compile for sm_90 (H100/H200) without a GPU.
+"""The multi-LoRA kernels compile for every GPU arch people own (sm_80, sm_86, sm_89, sm_90) without a GPU.
 
-* Triton: the shrink and expand kernels at the launches the dispatch makes (built by
-  fastadapters.kernels.multi_lora.plan on meta tensors, so the specialisation matches a real launch): no compile
-  error, no register spill, shared memory within 227 KiB. The default space covers the extremes of every tile
-  rule (bf16 at rank pads 16, 64, 256, fp16 at 16, fp32 at 16 and 256); FASTADAPTERS_SM90_FULL=1 compiles
-  every dtype at every rank pad.
+* Triton: the shrink and expand kernels at the launches the dispatch makes on each arch (recorded from
+  fastadapters.kernels.multi_lora_launch.multi_lora_fwd on meta tensors under use_target(arch), so configs and
+  specialisation match a real launch): no compile error, no register spill, shared memory within the arch's
+  limit. The default compiles sm_90's space (the extremes of every tile rule: bf16 at rank pads 16, 64, 256, fp16
+  at 16, fp32 at 16 and 256, decode and prefill) and, for sm_80 / sm_86 / sm_89, the tiles with the most shared
+  memory; FASTADAPTERS_SM90_FULL=1 compiles every arch's full space (every dtype at every rank pad).
 * CUDA: csrc/multi_lora_cuda.cu through nvcc for sm_90 with the torch headers (when nvcc is installed): it
   compiles, and ptxas reports no spills for any instantiation. The report is cached in the user cache per
   (source, nvcc, torch), so only a changed source is compiled again.
@@ -28,12 +29,48 @@ import torch
 pytest.importorskip("triton")
 
 # Kernels imported without TRITON_INTERPRET compile right here; interpreted ones go to tests/sm90.py's workers.
-from sm90 import SM90_MAX_SHARED, Sm90Report, compile_space  # noqa: E402
+from sm90 import Sm90Report, as_spec, compile_many  # noqa: E402
 
 from fastadapters.kernels import multi_lora as K  # noqa: E402
+from fastadapters.kernels import multi_lora_launch as ML  # noqa: E402
+from fastadapters.kernels._configs import ARCHS, use_target  # noqa: E402
+from fastadapters.kernels.multi_lora_configs import (  # noqa: E402
+    SHARED_MARGIN,
+    MultiLoraConfig,
+    expand_shared,
+    multi_lora_config,
+    shrink_shared,
+)
 
 FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
-SPACE = K.sm90_dispatch_space(full=FULL)
+GPU_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+SPACES = {arch: ML.dispatch_space(arch, full=FULL) for arch in GPU_ARCHS}
+SPACE = SPACES["sm_90"]
+
+
+def _shared_estimate(label: str, launch) -> int:
+    kw = launch.kwargs
+    cfg = MultiLoraConfig(kw["BLOCK_M"], kw.get("BLOCK_K", 16), kw.get("BLOCK_N", 16), kw.get("BLOCK_R", 16),
+                          launch.num_warps, launch.num_warps, launch.num_stages, launch.num_stages)
+    if "/shrink/" in label:
+        return shrink_shared(cfg, kw["R_PAD"], kw["p_x"].dtype)
+    return expand_shared(cfg, kw["p_b"].dtype)
+
+
+def _selected() -> list[tuple[str, str]]:
+    """(arch, label) to compile: everything with FULL, else sm_90's default space and, on the other archs, the
+    shrink and the expand with the most shared memory."""
+    if FULL:
+        return [(arch, label) for arch in GPU_ARCHS for label, _ in SPACES[arch]]
+    out = [("sm_90", label) for label, _ in SPACE]
+    for arch in ("sm_80", "sm_86", "sm_89"):
+        for kind in ("shrink", "expand"):
+            entries = [(lab, la) for lab, la in SPACES[arch] if f"/{kind}/" in lab]
+            out.append((arch, max(entries, key=lambda e: _shared_estimate(*e))[0]))
+    return out
+
+
+SELECTED = _selected()
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 
@@ -104,29 +141,49 @@ def nvcc_job():
 
 
 @pytest.fixture(scope="module")
-def reports(nvcc_job) -> dict[str, Sm90Report]:
-    """All Triton compiles at once (in-process or parallel workers); each test below checks one."""
-    return compile_space(SPACE)
+def reports(nvcc_job) -> dict[tuple[str, str], Sm90Report]:
+    """All selected Triton compiles at once (parallel workers); each test below checks one."""
+    spaces = {arch: dict(SPACES[arch]) for arch in GPU_ARCHS}
+    specs = [dict(as_spec(f"{arch}|{label}", spaces[arch][label]), arch=arch) for arch, label in SELECTED]
+    return {tuple(r.label.split("|")): r for r in compile_many(specs)}
 
 
-@pytest.mark.parametrize("label", [label for label, _ in SPACE])
-def test_triton_kernel_compiles_for_sm90(label, reports):
-    n_regs, n_spills, shared = reports[label].check()
-    assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= SM90_MAX_SHARED
+@pytest.mark.parametrize("arch,label", SELECTED, ids=[f"{a}-{lab}" for a, lab in SELECTED])
+def test_triton_kernel_compiles(arch, label, reports):
+    n_regs, n_spills, shared = reports[(arch, label)].check()
+    assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= ARCHS[arch].max_shared
 
 
 def test_space_covers_the_dispatch():
-    """Every tile the launcher can pick for a GPU (decode and prefill, each dtype, each rank pad) is compiled."""
+    """Every tile the launcher can pick on sm_90 (decode and prefill, each dtype, each rank pad) is compiled; the
+    decode tiles do not depend on M below DECODE_MAX_M."""
+    assert K.dispatch_space is ML.dispatch_space and K.record_launches is ML.record_launches  # the op contract
     labels = {label for label, _ in SPACE}
     pads = {"bf16": (16, 64, 256), "fp16": (16,), "fp32": (16, 256)}
     for dt, rs in pads.items():
         for r_pad in (16, 32, 64, 128, 256) if FULL else rs:
-            for mode in ("decode", "prefill"):
-                assert {f"shrink-{mode}-{dt}-R{r_pad}", f"expand-{mode}-{dt}-R{r_pad}"} <= labels
-    assert {K.gpu_config(M, r, torch.bfloat16) for M in (32, 16384) for r in (16, 32, 64, 128, 256)} >= {
-        K.gpu_config(M, r, torch.bfloat16) for M in (1, 256) for r in (16, 32, 64)}  # decode tiles: M-independent
-    configs = {(label.split("-")[1], label.split("-")[2], label.split("-")[3]) for label, _ in SPACE}
-    assert len(configs) * 2 == len(SPACE)
+            for kind in ("shrink", "expand"):
+                for mode, M in (("decode", 32), ("prefill", 16384)):
+                    assert f"multi_lora/{kind}/{dt}/{mode}-M{M}-K4096-N4096-R{r_pad}" in labels, (kind, dt, mode)
+    sm90 = ARCHS["sm_90"]
+    assert {multi_lora_config(sm90, torch.bfloat16, M, r) for M in (16, 32, 64, 256) for r in (16, 32, 64)} == {
+        multi_lora_config(sm90, torch.bfloat16, 32, r) for r in (16, 32, 64)}
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_every_config_fits_the_arch_and_the_grid_limits(arch):
+    """By tile arithmetic (no compile): pipelined shared memory within the arch's limit less a margin; grids within
+    CUDA's limits; the decode shrink splits K so that it launches at least one block per SM."""
+    budget = ARCHS[arch].max_shared - SHARED_MARGIN
+    for label, launch in SPACES[arch]:
+        assert _shared_estimate(label, launch) <= budget, label
+        assert launch.grid[0] < 2**31 and all(0 < g <= 65535 for g in launch.grid[1:]), (label, launch.grid)
+    decode = dict(SPACES[arch])["multi_lora/shrink/bf16/decode-M32-K4096-N4096-R16"]
+    assert decode.grid[1] >= 16  # 2-8 working 16-row tiles (32 tokens, 8 adapters) x the split: >= 32-128 blocks
+    with use_target(arch):
+        meta = torch.device("meta")
+        cfg = ML.config_for(16384, 16, torch.bfloat16, meta)
+        assert ML.split_for(16384, 8, 4096, cfg, meta) == 1  # prefill: the token tiles fill the GPU already
 
 
 def test_cuda_source_compiles_for_sm90_without_spills(nvcc_job):

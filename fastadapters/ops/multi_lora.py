@@ -4,9 +4,11 @@
 
 Backends (fastadapters.use_backend / FASTADAPTERS_BACKEND), all computing the same thing:
   * "torch"  kernels/multi_lora_ref.py: two GEMMs against all adapters at once (no loop, no host sync);
-  * "triton" kernels/multi_lora.py: grouped (SGMV-style) shrink + expand, prefill and decode; CUDA tensors, or
-             CPU tensors under TRITON_INTERPRET=1 when "triton" is asked for explicitly (tests);
-  * "cuda"   the C++/CUDA extension (csrc/, fastadapters/ext.py, built on first use): the fused BGMV decode
+  * "triton" kernels/multi_lora.py: grouped (SGMV-style) shrink + expand, prefill and decode, as the custom op
+             torch.ops.fastadapters.multi_lora_sgmv_ (mutates out); CUDA tensors, or CPU tensors under
+             TRITON_INTERPRET=1 when "triton" is asked for explicitly (tests);
+  * "cuda"   the C++/CUDA extension (csrc/, fastadapters/ext.py, built on first use), registered with the
+             dispatcher as torch.ops.fastadapters.multi_lora_bgmv_ (TORCH_LIBRARY): the fused BGMV decode
              kernel on CUDA tensors, its C++ twin on CPU tensors (asked for explicitly: it exists to test the
              binding layer; "auto" keeps the CPU on the reference);
   * "auto"   CUDA tensors: the extension up to CUDA_MAX_TOKENS tokens, else Triton; if the extension cannot be
@@ -76,10 +78,25 @@ def _triton_refusal(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, 
     return None
 
 
-def _triton_kernel(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out):
-    from ..kernels.multi_lora import multi_lora_fwd  # imported on first use: importing triton is slow
+@torch.library.custom_op("fastadapters::multi_lora_sgmv_", mutates_args=("out",))
+def multi_lora_sgmv_op(x: torch.Tensor, lora_A_stack: torch.Tensor, lora_B_stack: torch.Tensor,
+                       scalings: torch.Tensor, token_adapter_idx: torch.Tensor, out: torch.Tensor) -> None:
+    """The Triton grouped (SGMV-style) kernels as a dispatcher op: out (M, N) += the multi-LoRA delta, in place.
+    x: (M, K); stacks (n, R, K) / (n, N, R); scalings (n,) fp32; token_adapter_idx (M,). Inference only (no
+    autograd formula: the functional API sends differentiable calls to the reference)."""
+    from ..kernels.multi_lora_launch import multi_lora_fwd  # imported on first use: importing triton is slow
 
-    return multi_lora_fwd(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out)
+    multi_lora_fwd(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out)
+
+
+@multi_lora_sgmv_op.register_fake
+def _(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out):
+    return None
+
+
+def _triton_kernel(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out):
+    torch.ops.fastadapters.multi_lora_sgmv_(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out)
+    return out
 
 
 def _ext():
@@ -117,10 +134,10 @@ def _cuda_refusal(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, ou
 
 
 def _cuda_kernel(x, lora_A_stack, lora_B_stack, scalings, token_adapter_idx, out):
-    mod = _ext().load()
+    op = _ext().bgmv_op()  # torch.ops.fastadapters.multi_lora_bgmv_: the C++ op through the dispatcher
     target = out if out.is_contiguous() else out.contiguous()
-    mod.multi_lora_bgmv_(target, x.contiguous(), lora_A_stack.contiguous(), lora_B_stack.contiguous(),
-                         scalings.to(torch.float32).contiguous(), token_adapter_idx.contiguous())
+    op(target, x.contiguous(), lora_A_stack.contiguous(), lora_B_stack.contiguous(),
+       scalings.to(torch.float32).contiguous(), token_adapter_idx.contiguous())
     if target is not out:
         out.copy_(target)
     return out
