@@ -39,7 +39,7 @@ BENCH_RESERVE_S = 210.0
 # the rest of its group only), and the relative time each op may take of what is left: FlexAttention compiles,
 # the model level builds a 2-layer 7B-shaped model, decode runs ~70 generate() calls of 128 tokens.
 OP_GROUPS = (("lora", "bottleneck", "multi_lora", "prefix_attention"), ("model",), ("decode",))
-OP_WEIGHTS = {"lora": 1.5, "bottleneck": 1.0, "multi_lora": 1.5, "prefix_attention": 2.5, "model": 2.0,
+OP_WEIGHTS = {"lora": 1.5, "dora": 1.0, "bottleneck": 1.0, "multi_lora": 1.5, "prefix_attention": 2.5, "model": 2.0,
               "decode": 2.5}
 
 def child_env() -> tuple[dict[str, str], str]:
