@@ -1,6 +1,7 @@
 """Pieces shared by the Triton kernel files (kernels/lora.py, bottleneck.py, prefix_attention.py, multi_lora.py).
 
-  * INTERPRETED and the interpreter's bf16 fix (applied at import under TRITON_INTERPRET);
+  * INTERPRETED: the kernels run in Triton's interpreter (TRITON_INTERPRET set before import); the
+    interpreter's bf16 workaround lives with the tests (tests/interpreter_fixes.py, installed by conftest);
   * the Philox keep mask of the dropout kernels (`philox`, `dropout_keep`), its threshold (`dropout_threshold`)
     and the test-only materialiser (`dropout_mask_kernel`, `launch_dropout_mask`);
   * `dot_precision`, the tl.dot input precision that matches torch's own fp32 matmuls;
@@ -29,41 +30,6 @@ INTERPRETED = bool(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))  # 
 
 PHILOX_ROUNDS = tl.constexpr(10)
 DROPOUT_BITS = 16  # bits per keep decision: 8 decisions per Philox call
-
-
-def fix_interpreter_bf16() -> None:
-    """Triton 3.6's interpreter holds bf16 as raw uint16: tl.dot multiplies the bit patterns and fp32 -> bf16
-    casts truncate. Make both exact (bf16 operands widened to fp32, round-to-nearest-even casts) so the CPU tests
-    check the kernels' arithmetic, not the interpreter's. Interpreter mode only; idempotent."""
-    import numpy as np
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    if getattr(builder, "_fastadapters_bf16_fix", False):
-        return
-
-    def widen(h):
-        if h.dtype == tl.bfloat16:
-            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
-            return interp.TensorHandle(t.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot, builder.cast_impl = create_dot, cast_impl
-    builder._fastadapters_bf16_fix = True
-
-
-if INTERPRETED:
-    fix_interpreter_bf16()
 
 
 def dot_precision(dtype: torch.dtype) -> str:

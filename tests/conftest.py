@@ -19,6 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `from tiny_mod
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:  # Triton-interpreter workarounds live with the tests, not in the library (tests/interpreter_fixes.py); they
+    # patch only the interpreter, so installing them where kernels compile changes nothing
+    from interpreter_fixes import fix_interpreter_bf16
+
+    fix_interpreter_bf16()
+except ImportError:  # no triton: the kernel tests skip
+    pass
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` skip cleanly when CUDA is not available, so a plain `pytest` passes on CPU."""
