@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,12 +38,13 @@ from .lora_configs import (
 
 __all__ = [
     "INTERPRETED", "INTERPRETER_GEMM", "INTERPRETER_SHRINK", "MAX_RANK", "GemmConfig", "ShrinkConfig",
-    "base_gemm_choice", "dispatch_space", "dropout_threshold", "lora_dropout_mask", "lora_gemm", "lora_linear_bwd",
-    "lora_linear_fwd", "lora_shrink", "rank_pad", "record_launches", "sm90_dispatch_space", "use_configs",
+    "base_gemm_choice", "dispatch_space", "distinct_compiles", "dropout_threshold", "lora_dropout_mask",
+    "lora_gemm", "lora_linear_bwd", "lora_linear_fwd", "lora_shrink", "rank_pad", "record_launches",
+    "sm90_dispatch_space", "use_configs",
 ]
 
 # The launches whose main loop is a GEMM with N a model dimension (the wgmma N >= 64 gate): only the opt-in
-# fused GEMM. The shrinks (N = r) and the epilogue (K = r) are memory-bound by design.
+# fused GEMM (16-bit, benchmark shapes). The shrinks (N = r) and the epilogue (K = r) are memory-bound by design.
 MAIN_LOOP_ROLES = ("gemm_fwd", "gemm_dx")
 
 
@@ -245,12 +246,14 @@ def lora_gemm(a: torch.Tensor | None, b: torch.Tensor | None, lr: torch.Tensor, 
 
 
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (y, xa) with y = x W^T + b + s * dropout(x) A^T B^T and xa = dropout(x) A^T in fp32.
+                    lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: int = 0,
+                    col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (y, xa) with y = c * (x W^T + s * dropout(x) A^T B^T) + b and xa = dropout(x) A^T in fp32.
 
-    x: (M, K) any strides; weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r).
-    Returns y: (M, N) in x's dtype, xa: (M, r) fp32 (saved for backward). The mask comes from `seed`.
+    x: (M, K) any strides; weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); col_scale: c, (N,)
+    fp32 or None (DoRA's magnitude / column norm: then the rank-r term and c run in the epilogue kernel, one read +
+    write of y, instead of cuBLAS's beta = 1 addmm). Returns y: (M, N) in x's dtype, xa: (M, r) fp32 (saved for
+    backward). The mask comes from `seed`.
     """
     _check_2d("x", x)
     M, K = x.shape
@@ -260,11 +263,16 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     with _on_device(x):
         xa = lora_shrink(x, lora_A, rescale, seed=seed, drop_thr=thr, dropout=dropout, kx=K, role="shrink_xa")
         if base_gemm_choice(M) == "cublas":
-            y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-            y.addmm_(xa.to(y.dtype), lora_B.t().to(y.dtype), alpha=scaling)  # cuBLAS beta = 1: y += s xa B^T
+            if col_scale is not None:  # y = c * (x W^T + s xa B^T) + b: the bias after the scale
+                y = torch.mm(x, weight.t())
+                lora_gemm(x, None, xa, lora_B.t(), bias, y, scaling, accumulate=True, col_scale=col_scale,
+                          role="epilogue_fwd")
+            else:
+                y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+                y.addmm_(xa.to(y.dtype), lora_B.t().to(y.dtype), alpha=scaling)  # cuBLAS beta = 1: y += s xa B^T
         else:
             y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-            lora_gemm(x, weight.t(), xa, lora_B.t(), bias, y, scaling)
+            lora_gemm(x, weight.t(), xa, lora_B.t(), bias, y, scaling, col_scale=col_scale)
     return y, xa
 
 
@@ -362,8 +370,20 @@ def _compile_key(launch: Launch) -> tuple:
     return tuple(key)
 
 
+def _cfg_tag(launch: Launch) -> str:
+    kw = launch.kwargs
+    if "BLOCK_ROW" in kw:
+        return (f"{kw['BLOCK_ROW']}x{kw['BLOCK_RED']}xR{kw['R_PAD']}-w{launch.num_warps}s{launch.num_stages}"
+                f"-split{launch.grid[1]}")
+    if "BLOCK_M" in kw and "BLOCK_N" in kw:
+        return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{launch.num_warps}s{launch.num_stages}"
+    return f"w{launch.num_warps}s{launch.num_stages}"
+
+
 def _record(arch: str, dtype: torch.dtype, shape: tuple[int, int, int, int], p: float, base: str,
-            bias: bool = True) -> list[tuple[str, Launch]]:
+            bias: bool = True, odd: bool = False) -> list[tuple[str, Launch]]:
+    """Every launch of one forward + backward (all gradients) on meta tensors, labelled per benchmarks/static.py:
+    "lora/<role>[#main]@[odd-]M..-K..-N..-r..-p..-<dtype>[-fused]:<config>"."""
     M, K, N, r = shape
     meta = torch.device("meta")
     x = torch.empty((M, K), device=meta, dtype=dtype)
@@ -377,49 +397,67 @@ def _record(arch: str, dtype: torch.dtype, shape: tuple[int, int, int, int], p: 
         _, xa = lora_linear_fwd(x, W, b, A, B, 2.0, p, seed=1234)
         lora_linear_bwd(dy, x, W, A, B, xa, 2.0, p, 1234, need_dW=True, need_db=True)
         roles = list(_roles[start:])
-    tag = f"M{M}-K{K}-N{N}-r{r}-p{p:g}" + ("-fused" if base == "fused" else "")
-    return [(f"lora/{role}/{_TY[dtype]}/{tag}", launch) for role, launch in zip(roles, rec, strict=True)]
+    tag = ("odd-" if odd else "") + f"M{M}-K{K}-N{N}-r{r}-p{p:g}-{_TY[dtype]}" + ("-fused" if base == "fused" else "")
+    out = []
+    for role, launch in zip(roles, rec, strict=True):
+        # the wgmma gate's main loops: the fused GEMM of a 16-bit model at the benchmark shapes (fp32 keeps
+        # torch's exact-fp32 contract, "ieee" dots on FMA, unless TF32 is allowed; odd shapes are checked for
+        # resources only)
+        main = role in MAIN_LOOP_ROLES and dtype != torch.float32 and not odd
+        if main:
+            launch = replace(launch, info={**launch.info, "main_loop": True})
+        out.append((f"lora/{role}{'#main' if main else ''}@{tag}:{_cfg_tag(launch)}", launch))
+    return out
 
 
 def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
-    """(label, launch) for what a forward + backward dispatches to on a GPU of `arch`, from the real launchers on
-    meta tensors under `use_target(arch)` (so exactly the configs that GPU would pick), one launch per distinct
-    compile (the first label that needs it).
+    """(label, launch) for every launch of a forward + backward on a GPU of `arch`, from the real launchers on meta
+    tensors under `use_target(arch)` (so exactly the configs that GPU would pick), one call per shape and path.
 
-    Labels: "lora/<role>/<dtype>/M..-K..-N..-r..-p..[-fused]"; roles shrink_xa, shrink_dxa, shrink_dB, shrink_dA,
-    epilogue_dx (the default cuBLAS path) and gemm_fwd, gemm_dx (the opt-in fused GEMM: MAIN_LOOP_ROLES).
+    Labels (benchmarks/static.py's convention): "lora/<role>[#main]@<shape>:<config>"; roles shrink_xa,
+    shrink_dxa, shrink_dB, shrink_dA, epilogue_dx (the default cuBLAS path: the base products and the unmasked
+    rank-r terms are cuBLAS, seen by static.py through the meta aten ops) and gemm_fwd#main, gemm_dx#main (the
+    opt-in fused GEMM, shape tag "-fused"); "lora/dropout_mask" (test-only materialiser) belongs to no call.
     Default: bf16 and fp32 at the benchmark shapes with dropout on the default path, the fused GEMM at M = 4096
     and M = 256 (its two tile rules), the odd shapes and rank 256 in bf16. full: fp16 too, p = 0 and 0.05, every
-    shape on both paths, ranks 16..256 at M = 4096.
+    shape on both paths, ranks 16..256 at M = 4096. `distinct_compiles(space)`: one entry per distinct binary.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     global _overrides
     outer, _overrides = _overrides, _Overrides()  # the configs a GPU would pick, not a test's fixed ones
+    out: list[tuple[str, Launch]] = []
     try:
-        runs: list[list[tuple[str, Launch]]] = []
         dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
         for dt in dtypes:
             shapes = BENCH_SHAPES + ODD_SHAPES + RANK_SHAPES if (full or dt == torch.bfloat16) else BENCH_SHAPES
             for shape in shapes:
+                odd = shape in ODD_SHAPES
                 for p in ((0.05, 0.0) if full else (0.05,)):
-                    runs.append(_record(arch, dt, shape, p, "cublas"))
+                    out += _record(arch, dt, shape, p, "cublas", odd=odd)
                     if full or shape[0] in (256, 4096) and shape in BENCH_SHAPES:
-                        runs.append(_record(arch, dt, shape, p, "fused"))
+                        out += _record(arch, dt, shape, p, "fused", odd=odd)
             if full:
                 for r in (32, 64, 128):
-                    runs.append(_record(arch, dt, (4096, 4096, 4096, r), 0.05, "cublas"))
-                    runs.append(_record(arch, dt, (4096, 4096, 4096, r), 0.05, "fused"))
+                    out += _record(arch, dt, (4096, 4096, 4096, r), 0.05, "cublas")
+                    out += _record(arch, dt, (4096, 4096, 4096, r), 0.05, "fused")
+        with use_target(arch), record_launches() as rec:
+            lora_dropout_mask((4096, 4096), 0.05, 1234, device="meta")
+        out.append((f"lora/dropout_mask:{_cfg_tag(rec[0])}", rec[0]))
     finally:
         _overrides = outer
+    return out
+
+
+def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
+    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
     seen: set[tuple] = set()
-    out: list[tuple[str, Launch]] = []
-    for run in runs:
-        for label, launch in run:
-            key = _compile_key(launch)
-            if key not in seen:
-                seen.add(key)
-                out.append((label, launch))
+    out = []
+    for label, launch in space:
+        key = _compile_key(launch)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, launch))
     return out
 
 
@@ -430,4 +468,9 @@ def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
 
 def is_main_loop(label: str) -> bool:
     """Whether a dispatch_space label is a GEMM-sized main loop with N a model dimension (the wgmma N gate)."""
-    return label.split("/")[1] in MAIN_LOOP_ROLES
+    return "#main" in label.split("@")[0]
+
+
+def role_of(label: str) -> str:
+    """"lora/shrink_xa@M256-...:64x128" -> "shrink_xa"."""
+    return label.split("/")[1].split("@")[0].split(":")[0].removesuffix("#main")

@@ -35,8 +35,8 @@ from .multi_lora_configs import (
 
 __all__ = [
     "DECODE_MAX_M", "INTERPRETED", "INTERPRETER_CONFIG", "MAX_ADAPTERS", "MAX_RANK", "Grouping", "MultiLoraConfig",
-    "config_for", "dispatch_space", "group_tokens", "multi_lora_fwd", "plan", "rank_pad", "record_launches",
-    "sm90_dispatch_space", "split_for", "use_config",
+    "config_for", "dispatch_space", "distinct_compiles", "group_tokens", "multi_lora_fwd", "plan", "rank_pad",
+    "record_launches", "sm90_dispatch_space", "split_for", "use_config",
 ]
 
 _override: MultiLoraConfig | None = None
@@ -220,21 +220,28 @@ def _record(arch: str, dtype: torch.dtype, M: int, K: int, N: int, r: int, n: in
     return shrink, expand
 
 
-def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
-    """(label, launch) for what multi_lora_fwd launches on a GPU of `arch` (meta tensors under use_target(arch):
-    the configs that GPU would pick), one per distinct tile config.
+def _cfg_tag(launch: Launch) -> str:
+    kw = launch.kwargs
+    tile = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N", "BLOCK_R") if k in kw)
+    split = f"-split{launch.grid[1]}" if "BLOCK_K" in kw else f"-slabs{kw['SPLIT_K']}"
+    return f"{tile}-w{launch.num_warps}s{launch.num_stages}{split}"
 
-    Labels "multi_lora/<shrink|expand>/<dtype>/<decode|prefill>-M..-K..-N..-R<r_pad>" (no main loop with N a model
-    dimension: the shrink's N is the rank, the expand's K is the rank). Default: the benchmark shapes in bf16 at
-    rank pads 16 and 64 (and 256 with 1024 adapters, the widest segment search), fp16 and fp32 at 16 and 256, the
-    odd shape in bf16; full: every dtype at every rank pad 16..256.
+
+def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
+    """(label, launch) for both launches of each call of multi_lora_fwd on a GPU of `arch` (meta tensors under
+    use_target(arch): the configs that GPU would pick).
+
+    Labels (benchmarks/static.py's convention) "multi_lora/<shrink|expand>@[odd-]<decode|prefill>-M..-K..-N..-r..
+    -n..-<dtype>:<config>"; no `#main` (the shrink's N is the rank, the expand's K is the rank: memory- and
+    launch-bound by design). Default: the benchmark shapes in bf16 at rank pads 16 and 64 (and 256 with 1024
+    adapters, the widest segment search), fp16 at 16, fp32 at 16 and 256, the odd shape in bf16; full: every dtype
+    at every rank pad 16..256. `distinct_compiles(space)`: one entry per distinct binary.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     global _override, _override_split
     outer, (_override, _override_split) = (_override, _override_split), (None, None)
     out: list[tuple[str, Launch]] = []
-    seen: set[tuple] = set()
     try:
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             pads = (16, 32, 64, 128, 256) if full else {torch.bfloat16: (16, 64, 256), torch.float16: (16,),
@@ -242,22 +249,45 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
             shapes = BENCH_SHAPES + (ODD_SHAPES if dt == torch.bfloat16 or full else ())
             for r_pad in pads:
                 for M, K, N in shapes:
-                    r = 5 if (M, K, N) in ODD_SHAPES else r_pad
+                    odd = (M, K, N) in ODD_SHAPES
+                    r = 5 if odd else r_pad
                     if rank_pad(r) != r_pad:
                         continue
                     n = MAX_ADAPTERS if r_pad == 256 else 8
                     mode = "decode" if M <= DECODE_MAX_M else "prefill"
-                    shrink, expand = _record(arch, dt, M, K, N, r, n)
-                    for kind, launch in (("shrink", shrink), ("expand", expand)):
-                        key = (kind, dt, mode, launch.num_warps, launch.num_stages, r_pad, K % 16 == 0,
-                               N % 16 == 0, tuple(sorted((k, v) for k, v in launch.kwargs.items()
-                                                   if k.isupper() and k not in ("R", "K", "N"))))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        out.append((f"multi_lora/{kind}/{_TY[dt]}/{mode}-M{M}-K{K}-N{N}-R{r_pad}", launch))
+                    tag = f"{'odd-' if odd else ''}{mode}-M{M}-K{K}-N{N}-r{r}-n{n}-{_TY[dt]}"
+                    for kind, launch in zip(("shrink", "expand"), _record(arch, dt, M, K, N, r, n), strict=True):
+                        out.append((f"multi_lora/{kind}@{tag}:{_cfg_tag(launch)}", launch))
     finally:
         _override, _override_split = outer
+    return out
+
+
+def _compile_key(launch: Launch) -> tuple:
+    """What makes two launches compile to the same binary: constexprs, dtypes, integers equal to 1 or divisible by
+    16 (Triton's runtime specialisation), warps and stages."""
+    consts = {p.name for p in getattr(launch.kernel, "params", ()) if p.is_constexpr}
+    key: list = [getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", ""), launch.num_warps,
+                 launch.num_stages]
+    for name, v in sorted(launch.kwargs.items()):
+        if isinstance(v, torch.Tensor):
+            key.append((name, str(v.dtype)))
+        elif name in consts or name.isupper() and name not in ("R", "K", "N") or isinstance(v, bool):
+            key.append((name, v))
+        elif isinstance(v, int):
+            key.append((name, v == 1, v % 16 == 0))
+    return tuple(key)
+
+
+def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
+    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
+    seen: set[tuple] = set()
+    out = []
+    for label, launch in space:
+        key = _compile_key(launch)
+        if key not in seen:
+            seen.add(key)
+            out.append((label, launch))
     return out
 
 

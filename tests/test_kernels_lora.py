@@ -501,3 +501,17 @@ def test_epilogue_column_scale():
                       seed=21, drop_thr=thr, dropout=True)
     want = col * (out0.double() + 1.5 * (lr.double() @ lw.double()) * mask.double()) + bias  # mask: keep/(1-p)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["cublas", "fused"])
+def test_forward_with_column_scale(base):
+    """lora_linear_fwd(col_scale=c): y = c * (x W^T + s D(x) A^T B^T) + b on both base paths (DoRA's hook)."""
+    t = leaves(make(), torch.float32, trainable=())
+    c = torch.rand(40, generator=torch.Generator().manual_seed(2)).to(DEVICE) + 0.5
+    thr, _ = K.dropout_threshold(0.3)
+    with K.use_configs(base=base):
+        y, _ = K.lora_linear_fwd(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING, 0.3, seed=SEED,
+                                 col_scale=c)
+    mask = kernel_mask((37, 72), 0.3)
+    want = c * lora_ref(t["x"], t["weight"], None, t["lora_A"], t["lora_B"], SCALING, mask) + t["bias"]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

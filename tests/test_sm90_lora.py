@@ -38,22 +38,31 @@ from fastadapters.kernels.lora_configs import (  # noqa: E402
 
 FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
 GPU_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-SPACES = {arch: L.dispatch_space(arch, full=FULL) for arch in GPU_ARCHS}
+SPACES = {arch: L.dispatch_space(arch, full=FULL) for arch in GPU_ARCHS}  # every launch of every call
+DISTINCT = {arch: dict(L.distinct_compiles(space)) for arch, space in SPACES.items()}  # one per binary
 
-# (arch, label) compiled by default: what most often breaks (shared memory of the largest tile per arch; registers
-# of the masked kernels at unaligned shapes, which cannot use vectorised loads).
+# (arch, label before its ":config") compiled by default: what most often breaks (shared memory of the largest tile
+# per arch; registers of the masked kernels at unaligned shapes, which cannot use vectorised loads).
 DEFAULT = [
-    ("sm_90", "lora/shrink_xa/bf16/M256-K4096-N4096-r16-p0.05"),
-    ("sm_90", "lora/shrink_xa/bf16/M1000-K4095-N4097-r13-p0.05"),
-    ("sm_90", "lora/shrink_dA/bf16/M1000-K4095-N4097-r13-p0.05"),
-    ("sm_90", "lora/epilogue_dx/bf16/M37-K72-N40-r5-p0.05"),
-    ("sm_90", "lora/gemm_fwd/bf16/M4096-K4096-N4096-r16-p0.05-fused"),
-    ("sm_90", "lora/gemm_dx/bf16/M4096-K4096-N4096-r16-p0.05-fused"),
-    ("sm_86", "lora/gemm_fwd/bf16/M4096-K4096-N4096-r16-p0.05-fused"),
-    ("sm_89", "lora/epilogue_dx/bf16/M256-K4096-N4096-r16-p0.05"),
-    ("sm_80", "lora/gemm_fwd/bf16/M4096-K4096-N4096-r16-p0.05-fused"),
+    ("sm_90", "lora/shrink_xa@M256-K4096-N4096-r16-p0.05-bf16"),
+    ("sm_90", "lora/shrink_xa@odd-M1000-K4095-N4097-r13-p0.05-bf16"),
+    ("sm_90", "lora/shrink_dA@odd-M1000-K4095-N4097-r13-p0.05-bf16"),
+    ("sm_90", "lora/epilogue_dx@odd-M37-K72-N40-r5-p0.05-bf16"),
+    ("sm_90", "lora/gemm_fwd#main@M4096-K4096-N4096-r16-p0.05-bf16-fused"),
+    ("sm_90", "lora/gemm_dx#main@M4096-K4096-N4096-r16-p0.05-bf16-fused"),
+    ("sm_86", "lora/gemm_fwd#main@M4096-K4096-N4096-r16-p0.05-bf16-fused"),
+    ("sm_89", "lora/epilogue_dx@M256-K4096-N4096-r16-p0.05-bf16"),
+    ("sm_80", "lora/gemm_fwd#main@M4096-K4096-N4096-r16-p0.05-bf16-fused"),
 ]
-SELECTED = [(arch, label) for arch in GPU_ARCHS for label, _ in SPACES[arch]] if FULL else DEFAULT
+
+
+def _full_label(arch: str, prefix: str) -> str:
+    [label] = [lab for lab, _ in SPACES[arch] if lab.split(":")[0] == prefix]
+    return label
+
+
+SELECTED = ([(arch, label) for arch in GPU_ARCHS for label in DISTINCT[arch]] if FULL
+            else [(arch, _full_label(arch, prefix)) for arch, prefix in DEFAULT])
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +73,17 @@ def reports() -> dict[tuple[str, str], Sm90Report]:
     return {tuple(r.label.split("|")): r for r in compile_many(specs)}
 
 
-@pytest.mark.parametrize("arch,label", SELECTED, ids=[f"{a}-{lab}" for a, lab in SELECTED])
+@pytest.mark.parametrize("arch,label", SELECTED, ids=[f"{a}-{lab.split(':')[0]}" for a, lab in SELECTED])
 def test_dispatched_config_compiles(arch, label, reports):
     report = reports[(arch, label)]
     n_regs, n_spills, shared = report.check()
     assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= ARCHS[arch].max_shared
-    if arch == "sm_90" and "/gemm_" in label:  # the fused GEMM's main loop on wgmma, N = a model-dim tile
-        assert any(k.startswith("wgmma") for k in report.mma_loop), report.mma_summary
-        assert min(report.wgmma_n) >= 64 and not report.serialized
-
-
-def test_default_selection_is_in_the_space():
-    for arch, label in DEFAULT:
-        assert label in dict(SPACES[arch]), (arch, label, [lab for lab, _ in SPACES[arch]])
+    if L.is_main_loop(label):  # the fused GEMM's main loop on tensor cores, N a model-dim tile
+        if arch == "sm_90":
+            assert any(k.startswith("wgmma") for k in report.mma_loop), report.mma_summary
+            assert min(report.wgmma_n) >= 64 and not report.serialized
+        else:
+            assert any(k.startswith("mma.sync") for k in report.mma_loop), report.mma_summary
 
 
 @pytest.mark.parametrize("arch", GPU_ARCHS)
@@ -84,12 +91,16 @@ def test_every_config_fits_the_arch_and_the_grid_limits(arch):
     """The space's tiles by arithmetic (no compile): pipelined shared memory within the arch's limit less a
     margin, the dropout GEMM within its register rule, grids within CUDA's limits, every role present."""
     space = SPACES[arch]
-    roles = {label.split("/")[1] for label, _ in space}
-    assert roles == {"shrink_xa", "shrink_dxa", "shrink_dB", "shrink_dA", "epilogue_dx", "gemm_fwd", "gemm_dx"}
+    roles = {L.role_of(label) for label, _ in space}
+    assert roles == {"shrink_xa", "shrink_dxa", "shrink_dB", "shrink_dA", "epilogue_dx", "gemm_fwd", "gemm_dx",
+                     "dropout_mask"}
+    assert len({label for label, _ in space}) == len(space)  # labels are unique
     budget = ARCHS[arch].max_shared - SHARED_MARGIN
     for label, launch in space:
         kw = launch.kwargs
         dtype = kw["p_out"].dtype
+        if L.role_of(label) == "dropout_mask":
+            continue
         if launch.kernel is K._lora_shrink_kernel:
             cfg = ShrinkConfig(kw["BLOCK_ROW"], kw["BLOCK_RED"], launch.num_warps, launch.num_stages)
             assert shrink_shared(cfg, kw["R_PAD"], kw["p_in"].dtype) <= budget, label
@@ -99,17 +110,18 @@ def test_every_config_fits_the_arch_and_the_grid_limits(arch):
             if kw["HAS_DROPOUT"]:
                 assert cfg.block_m * cfg.block_n // (32 * cfg.num_warps) <= 64, label
         assert launch.grid[0] < 2**31 and all(g <= 65535 for g in launch.grid[1:]), (label, launch.grid)
-        assert L.is_main_loop(label) == ("/gemm_" in label)
+        assert L.is_main_loop(label) == ("/gemm_" in label and "-fp32" not in label and "@odd-" not in label)
+        assert launch.info.get("main_loop", False) == L.is_main_loop(label)
 
 
 def test_shrinks_fill_the_gpu_at_small_m_and_split_by_bucket():
     """At M = 256 (and 4096) the x·A^T and dy·B shrinks launch at least one block per SM on sm_90 (132 SMs): the
     split over K does what the rows cannot. Splits depend on the shape bucket only: M = 250 and 256 share one."""
-    space = dict(L.dispatch_space("sm_90"))
+    space = {label.split(":")[0]: launch for label, launch in SPACES["sm_90"]}
     sms = ARCHS["sm_90"].num_sms
     for M in (256, 4096):
         for role in ("shrink_xa", "shrink_dxa"):
-            grid = space[f"lora/{role}/bf16/M{M}-K4096-N4096-r16-p0.05"].grid
+            grid = space[f"lora/{role}@M{M}-K4096-N4096-r16-p0.05-bf16"].grid
             assert grid[0] * grid[1] >= sms, (role, M, grid)
     with use_target("sm_90"):
         meta = torch.device("meta")

@@ -44,15 +44,16 @@ from fastadapters.kernels.multi_lora_configs import (  # noqa: E402
 
 FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "0") not in ("", "0")
 GPU_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-SPACES = {arch: ML.dispatch_space(arch, full=FULL) for arch in GPU_ARCHS}
-SPACE = SPACES["sm_90"]
+SPACES = {arch: ML.dispatch_space(arch, full=FULL) for arch in GPU_ARCHS}  # both launches of every call
+DISTINCT = {arch: ML.distinct_compiles(space) for arch, space in SPACES.items()}  # one per binary
+SPACE = DISTINCT["sm_90"]
 
 
 def _shared_estimate(label: str, launch) -> int:
     kw = launch.kwargs
     cfg = MultiLoraConfig(kw["BLOCK_M"], kw.get("BLOCK_K", 16), kw.get("BLOCK_N", 16), kw.get("BLOCK_R", 16),
                           launch.num_warps, launch.num_warps, launch.num_stages, launch.num_stages)
-    if "/shrink/" in label:
+    if label.startswith("multi_lora/shrink@"):
         return shrink_shared(cfg, kw["R_PAD"], kw["p_x"].dtype)
     return expand_shared(cfg, kw["p_b"].dtype)
 
@@ -61,11 +62,11 @@ def _selected() -> list[tuple[str, str]]:
     """(arch, label) to compile: everything with FULL, else sm_90's default space and, on the other archs, the
     shrink and the expand with the most shared memory."""
     if FULL:
-        return [(arch, label) for arch in GPU_ARCHS for label, _ in SPACES[arch]]
+        return [(arch, label) for arch in GPU_ARCHS for label, _ in DISTINCT[arch]]
     out = [("sm_90", label) for label, _ in SPACE]
     for arch in ("sm_80", "sm_86", "sm_89"):
         for kind in ("shrink", "expand"):
-            entries = [(lab, la) for lab, la in SPACES[arch] if f"/{kind}/" in lab]
+            entries = [(lab, la) for lab, la in DISTINCT[arch] if lab.startswith(f"multi_lora/{kind}@")]
             out.append((arch, max(entries, key=lambda e: _shared_estimate(*e))[0]))
     return out
 
@@ -148,7 +149,7 @@ def reports(nvcc_job) -> dict[tuple[str, str], Sm90Report]:
     return {tuple(r.label.split("|")): r for r in compile_many(specs)}
 
 
-@pytest.mark.parametrize("arch,label", SELECTED, ids=[f"{a}-{lab}" for a, lab in SELECTED])
+@pytest.mark.parametrize("arch,label", SELECTED, ids=[f"{a}-{lab.split(':')[0]}" for a, lab in SELECTED])
 def test_triton_kernel_compiles(arch, label, reports):
     n_regs, n_spills, shared = reports[(arch, label)].check()
     assert 0 < n_regs <= 255 and n_spills == 0 and 0 <= shared <= ARCHS[arch].max_shared
@@ -158,13 +159,14 @@ def test_space_covers_the_dispatch():
     """Every tile the launcher can pick on sm_90 (decode and prefill, each dtype, each rank pad) is compiled; the
     decode tiles do not depend on M below DECODE_MAX_M."""
     assert K.dispatch_space is ML.dispatch_space and K.record_launches is ML.record_launches  # the op contract
-    labels = {label for label, _ in SPACE}
+    labels = {label.split(":")[0] for label, _ in SPACES["sm_90"]}
     pads = {"bf16": (16, 64, 256), "fp16": (16,), "fp32": (16, 256)}
     for dt, rs in pads.items():
         for r_pad in (16, 32, 64, 128, 256) if FULL else rs:
             for kind in ("shrink", "expand"):
                 for mode, M in (("decode", 32), ("prefill", 16384)):
-                    assert f"multi_lora/{kind}/{dt}/{mode}-M{M}-K4096-N4096-R{r_pad}" in labels, (kind, dt, mode)
+                    n = 1024 if r_pad == 256 else 8
+                    assert f"multi_lora/{kind}@{mode}-M{M}-K4096-N4096-r{r_pad}-n{n}-{dt}" in labels, (kind, dt, mode)
     sm90 = ARCHS["sm_90"]
     assert {multi_lora_config(sm90, torch.bfloat16, M, r) for M in (16, 32, 64, 256) for r in (16, 32, 64)} == {
         multi_lora_config(sm90, torch.bfloat16, 32, r) for r in (16, 32, 64)}
@@ -178,7 +180,7 @@ def test_every_config_fits_the_arch_and_the_grid_limits(arch):
     for label, launch in SPACES[arch]:
         assert _shared_estimate(label, launch) <= budget, label
         assert launch.grid[0] < 2**31 and all(0 < g <= 65535 for g in launch.grid[1:]), (label, launch.grid)
-    decode = dict(SPACES[arch])["multi_lora/shrink/bf16/decode-M32-K4096-N4096-R16"]
+    decode = {lab.split(":")[0]: la for lab, la in SPACES[arch]}["multi_lora/shrink@decode-M32-K4096-N4096-r16-n8-bf16"]
     assert decode.grid[1] >= 16  # 2-8 working 16-row tiles (32 tokens, 8 adapters) x the split: >= 32-128 blocks
     with use_target(arch):
         meta = torch.device("meta")
