@@ -111,6 +111,32 @@ def test_bitwise_with_peft_norm(family, variant, dense_norm):
         torch.testing.assert_close(g, g_ref, **EXACT, msg=n)
 
 
+@pytest.mark.parametrize("norm", ["ours", "peft_dense"])
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_bf16_model_fp32_adapters_match_peft(family, norm, request):
+    """PEFT's default dtype mix: a bf16 model with fp32 adapters (and magnitude). With PEFT's dense norm the
+    logits and gradients are bitwise PEFT's; with ours the bf16 logits within one bf16 ulp (observed: equal) and
+    the fp32 gradients within DORA_TOL."""
+    if norm == "peft_dense":
+        request.getfixturevalue("dense_norm")
+    ids, mask = tiny_batch()
+    kw = dict(r=4, lora_alpha=8, init_lora_weights=False, lora_dropout=0.0, use_dora=True)
+    am = fa.get_adapter_model(tiny_model(family, dtype=torch.bfloat16), fa.LoraConfig(**kw))
+    pm = peft.get_peft_model(tiny_model(family, dtype=torch.bfloat16),
+                             peft.LoraConfig(**kw, fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM"))
+    mine, peft_params = copy_into_peft(am, pm)
+    assert {p.dtype for n, p in mine.items() if p.requires_grad} == {torch.float32}
+    out, ref = (m(input_ids=ids, attention_mask=mask, labels=ids) for m in (am, pm))
+    tol = EXACT if norm == "peft_dense" else {"atol": 2.0**-6, "rtol": 2.0**-7}  # ours: 1 bf16 ulp of the logits
+    torch.testing.assert_close(out.logits, ref.logits, **tol)
+    out.loss.backward()
+    ref.loss.backward()
+    tol = EXACT if norm == "peft_dense" else DORA_TOL
+    for n, p in mine.items():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, peft_params[n].grad, **tol, msg=n)
+
+
 def test_magnitude_init_matches_peft_and_keeps_the_output():
     """init_lora_weights=True (B = 0): m = ||W|| row-wise, so the model's output is the base model's; bf16 too."""
     ids, mask = tiny_batch()
