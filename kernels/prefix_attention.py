@@ -1,9 +1,11 @@
-"""Prefix-augmented flash attention in Triton: causal attention of q over [prefix ; tokens].
+"""Prefix-augmented flash attention in Triton: causal attention of q over [prefix ; tokens] (kernels only).
 
 q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D), Lq <= Lk when causal (queries are the last Lq positions, bottom-right
 alignment); prefix_k, prefix_v: (Hkv, P, D) shared by the batch; key_padding_mask (B, Lk) bool, True = real token.
 Every query sees the whole prefix and the tokens up to its own position; the padding mask never hides the prefix;
-a row that sees no key gives 0 and lse = -inf. The spec is kernels/prefix_attention_ref.py.
+a row that sees no key gives 0 and lse = -inf. The spec is kernels/prefix_attention_ref.py; launchers, the launch
+recorder and `dispatch_space`: kernels/prefix_attention_launch.py (also reachable here, see `__getattr__` at the
+end); configs: kernels/prefix_attention_configs.py; custom ops: fastadapters/ops/prefix_attention_triton.py.
 
 Design
 ------
@@ -14,153 +16,62 @@ Token key blocks are split in a mask-free part (blocks every query of the tile s
 diagonal and the Lk edge); the padding mask, when there is one, is one (BLOCK_N,) byte load per key block.
 head_dim D is padded to D_PAD = max(16, next_pow2(D)) in registers only (masked loads/stores).
 Strides are passed for every tensor (transformers hands over q/k/v as transposed views); the last dim must be
-contiguous (the launcher copies otherwise).
+contiguous (the launcher copies otherwise). Every grid is 1-D: (b, head) is folded into grid x with the block
+index, so B * H has no 65535 limit (grid y/z have one).
 
-  forward      `_prefix_attn_fwd_kernel`, grid (cdiv(Lq, BM), B * Hq), heaviest query blocks first. Writes out and
-               lse (natural log, fp32) for the backward.
-  decode       Lq <= DECODE_MAX_LQ: `_prefix_attn_decode_kernel` packs the GROUP query heads of one kv head and
-               the Lq queries into the rows of one tile (K/V are read once per kv head, not once per query head),
-               and splits the keys flash-decoding style: split s covers a chunk of the prefix or of the tokens, so
-               B * Hkv * row_blocks * splits programs fill the GPU even at B = 1; `_prefix_attn_combine_kernel`
-               merges the per-split (out, lse) pairs.
-  backward     `_prefix_attn_bwd_preprocess_kernel` delta = rowsum(dO * O) - dlse; `_prefix_attn_bwd_dkdv_kernel`
-               one program per key block of (prefix blocks ; token blocks) x (b, kv head), looping over the GROUP
-               query heads and the query blocks that see the block: token dk/dv written once (GQA summed in the
-               program), prefix dk/dv written to fp32 partials (B, Hkv, P, D), summed over the batch afterwards
-               in a fixed order (torch.sum): deterministic, no atomics. `_prefix_attn_bwd_dq_kernel` one program
-               per query block, keys as in the forward.
+  forward   `_prefix_attn_fwd_kernel`, cdiv(Lq, BM) * B * Hq programs, the heaviest query blocks first. Writes out
+            and lse (natural log, fp32) for the backward. acc = dot(p, v, acc * alpha): the PV wgmma accumulates
+            in place and stays in flight across the loop edge while the next K/V tiles load (cp.async, num_stages
+            deep) and the next QK^T issues.
+  decode    Lq <= DECODE_MAX_LQ: `_prefix_attn_decode_kernel` packs the GROUP query heads of one kv head and the
+            Lq queries into the rows of one tile (K/V read once per kv head, not once per query head) and splits
+            the keys flash-decoding style: split s covers a chunk of the prefix or of the tokens, so
+            B * Hkv * row_blocks * splits programs fill the GPU even at B = 1; `_prefix_attn_combine_kernel`
+            merges the per-split (out, lse) pairs.
+  backward  FlashAttention-2's shape. `_prefix_attn_bwd_preprocess_kernel` delta = rowsum(dO * O) - dlse;
+            `_prefix_attn_bwd_kv_kernel` one program per key block (64-128 key rows) of (prefix blocks ; token
+            blocks) x (b, kv head), looping over the GROUP query heads and the query blocks that see the block:
+            S^T, dP^T, dV += P^T dO, dK += dS^T Q, and (default) dQ += dS K added to an fp32 accumulator with
+            atomics: 5 GEMM-sized products per tile, S and dP computed once. Token dK/dV are written once (GQA
+            summed in the program); prefix dK/dV go to fp32 per-batch partials (B, Hkv, P, D), summed over the
+            batch afterwards in a fixed order (torch.sum): deterministic in both modes.
+            Deterministic mode (`torch.use_deterministic_algorithms(True)`, or FASTADAPTERS_PREFIX_DETERMINISTIC=1):
+            no atomics; `_prefix_attn_bwd_dq_kernel`, one program per query block, recomputes S and dP for dQ
+            (7 GEMM-sized products instead of 5: ~1.4x the backward's tensor-core work).
+  default   atomic dQ, as FlashAttention-2 and PyTorch's own attention backward do: an fp32 atomic sum of the
+            per-key-block dQ shares is not bitwise reproducible (its order depends on scheduling; differences are
+            a few fp32 ulps of dQ), and in a model dQ flows into the earlier layers, so bitwise run-to-run equal
+            gradients need the deterministic mode. PyTorch users ask for that with
+            torch.use_deterministic_algorithms(True) (transformers' `full_determinism`), which the launcher
+            honours; the fast path stays the default, as in PyTorch.
 
-Napkin math (H200: ~990 TFLOP/s dense bf16, 4.8 TB/s; B=8, H=32, L=2048, D=128, P=30, bf16)
-  forward FLOPs   4 B H D (L (L+1) / 2 + L P) = 2.75e11 (causal part) + 8.1e9 (prefix: +2.9 %) = 2.83e11.
-                  The no-prefix SDPA floor takes 0.553 ms (~500 TFLOP/s); the same efficiency with the prefix is
-                  0.569 ms = 1.03x the floor; the goal (1.10x) leaves 7 % for a Triton kernel's lower efficiency.
-  forward bytes   q, k, v, o: 4 * 2 B H L D = 537 MB -> 0.11 ms at 4.8 TB/s: compute-bound (intensity ~530).
-                  The prefix is Hkv * P * D * 2 * 2 = 0.5 MB, read by every program from L2.
-  backward        5 GEMMs per tile (recompute S, dP, dV, dK, dQ) = 2.5x the forward: 7.1e11; the prefix adds its
-                  own 2.9 % plus a B x Hkv x P x D fp32 partial per grad (2 x 3.9 MB written + read: ~3 us).
-  D = 80/96       padded to 128: 60 % / 33 % extra tensor-core work on the padding (a kernel with a 64 + 16/32
-                  split of D would avoid it; not done yet).
-  decode          Lq = 1, Lk = 2048, MHA: K and V are 2 B H Lk D * 2 = 268 MB -> 56 us floor. With B = 1 only
-                  32 programs would run on 132 SMs without the split; the split targets ~2 programs per SM.
-Blocks come from a deterministic per-head-dim table (`fwd_config`, `bwd_dkdv_config`, `bwd_dq_config`,
-`decode_config`); every config they can return is compiled for sm_90 in tests/test_sm90_prefix_attention.py
-(no spills, shared memory <= 227 KiB, with the launch-time 16-divisibility of pointers and strides). No
-autotuning. The tiles are first guesses that compile cleanly: they have not been timed on an H200 yet (no GPU
-for this issue); benchmarks/bench_prefix_attention.py measures them against SDPA.
-
-Precision: fp32 accumulation and softmax; P and dS are rounded to the input dtype as tl.dot operands (as flash
-attention does). fp32 inputs use input_precision "ieee" unless torch allows TF32 matmuls.
+NAPKIN_PLACEHOLDER
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from typing import Any
 
-import torch
 import triton
 import triton.language as tl
-
-from ._common import INTERPRETED, dot_precision  # noqa: F401 (INTERPRETED: tests read it here)
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # the kernels' copies
 _LN2 = tl.constexpr(0.6931471805599453)
-DECODE_MAX_LQ = 16  # q_len up to this takes the split-K decode path
-MAX_HEAD_DIM = 256
-MAX_DECODE_SPLITS = 128  # a power of two (the combine kernel's S_PAD)
-
-
-# ------------------------------------------------------------------------------------------------ configs
-@dataclass(frozen=True)
-class AttnConfig:
-    """Tile shape and launch parameters of one kernel: rows (queries) x cols (keys) per program."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def head_dim_pad(D: int) -> int:
-    """D padded to a power of two >= 16 (tl.arange and tl.dot need it)."""
-    return max(16, triton.next_power_of_2(D))
-
-
-# Tiles per padded head_dim, checked for sm_90 (no spills, shared <= 227 KiB) by tests/test_sm90_prefix_attention.py.
-# fp16/bf16: wgmma tiles. fp32 (a test dtype) with exact "ieee" dots lowers to FMAs that hold both operands in
-# registers, so it gets small tiles (fine for its tiny test shapes). Speed guesses until tuned on the H200 with
-# benchmarks/bench_prefix_attention.py.
-_HALF_TILES = {  # d_pad limit: (fwd, dkdv, dq, decode block_n)
-    64: (AttnConfig(128, 64, 8, 3), AttnConfig(32, 128, 8, 2), AttnConfig(128, 64, 8, 2), 64),
-    128: (AttnConfig(128, 64, 8, 3), AttnConfig(16, 64, 8, 2), AttnConfig(128, 32, 8, 2), 64),
-    256: (AttnConfig(64, 64, 8, 2), AttnConfig(32, 32, 8, 1), AttnConfig(64, 32, 8, 2), 32),
-}
-_FP32_TILES = {
-    128: (AttnConfig(32, 16, 8, 1), AttnConfig(16, 16, 4, 1), AttnConfig(32, 16, 8, 1), 16),
-    256: (AttnConfig(32, 16, 8, 1), AttnConfig(16, 16, 8, 1), AttnConfig(32, 16, 8, 1), 16),
-}
-
-
-def _tiles(d_pad: int, dtype: torch.dtype) -> tuple[AttnConfig, AttnConfig, AttnConfig, int]:
-    if d_pad > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim padded to {d_pad} is above {MAX_HEAD_DIM}")
-    table = _FP32_TILES if dtype == torch.float32 else _HALF_TILES
-    return table[min(k for k in table if k >= d_pad)]
-
-
-def fwd_config(d_pad: int, dtype: torch.dtype) -> AttnConfig:
-    """Forward tiles: block_m queries held, block_n keys streamed."""
-    return _tiles(d_pad, dtype)[0]
-
-
-def bwd_dkdv_config(d_pad: int, dtype: torch.dtype) -> AttnConfig:
-    """dK/dV tiles: block_n keys held (dk, dv accumulate in registers), block_m queries streamed."""
-    return _tiles(d_pad, dtype)[1]
-
-
-def bwd_dq_config(d_pad: int, dtype: torch.dtype) -> AttnConfig:
-    """dQ tiles: block_m queries held (dq accumulates in registers), block_n keys streamed."""
-    return _tiles(d_pad, dtype)[2]
-
-
-def decode_config(d_pad: int, dtype: torch.dtype, rows: int) -> AttnConfig:
-    """Decode tiles: block_m >= the GROUP * Lq packed rows (capped at 64, 32 for fp32), block_n keys streamed."""
-    block_n = _tiles(d_pad, dtype)[3]
-    if dtype == torch.float32:
-        return AttnConfig(min(32, max(16, triton.next_power_of_2(rows))), block_n, 8, 1)
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    if d_pad > 128:
-        return AttnConfig(block_m, block_n, 8 if block_m == 64 else 4, 2)
-    return AttnConfig(block_m, block_n, 4, 3 if block_m < 64 else 2)
-
-
-DECODE_BLOCK_MS = (16, 32, 64)  # every block_m decode_config can return (fp32: 16, 32)
-
-
-PREPROCESS_BLOCK_M = 64
-COMBINE_CHUNK = 16  # splits the combine kernel reads at a time
-
-
-def decode_chunk(n_programs: int, P: int, Lk: int, block_n: int, num_sms: int) -> int:
-    """Keys per split of the decode path: a multiple of block_n chosen so that n_programs (B * Hkv * row blocks)
-    times the number of splits reaches about 2 programs per SM, with at most MAX_DECODE_SPLITS splits."""
-    total = max(P + Lk, 1)
-    want = max(1, min(MAX_DECODE_SPLITS // 2, triton.cdiv(2 * num_sms, max(n_programs, 1))))
-    chunk = triton.cdiv(triton.cdiv(total, want), block_n) * block_n
-    while triton.cdiv(P, chunk) + triton.cdiv(Lk, chunk) > MAX_DECODE_SPLITS:
-        chunk *= 2
-    return max(chunk, block_n)
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a small "GPU" so the tests exercise several splits at small shapes
 
 
 # ------------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _block_ids_kernel(n_bh):
+    """(query block, b * H + h) of this program on a 1-D grid of n_blocks * n_bh programs (B * H on grid x: no
+    65535 limit), the heaviest (last) query blocks of every head first."""
+    pid = tl.program_id(0)
+    n_m = tl.num_programs(0) // n_bh
+    i_m = n_m - 1 - pid // n_bh
+    i_bh = (pid % n_bh).to(tl.int64)
+    return i_m, i_bh
+
+
 @triton.jit
 def _load_rows_kernel(p_rows, o_n, n_end, o_d, MASK_END: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """Load a (BLOCK_N, D_PAD) tile whose row n starts at p_rows[n] (pointers (BLOCK_N, 1)): rows below n_end
@@ -189,7 +100,11 @@ def _fwd_inner_kernel(
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_CAUSAL: tl.constexpr, MASK_END: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Online softmax over keys [n_lo, n_hi) of one source; q_pos (BLOCK_M,) = each row's causal position."""
+    """Online softmax over keys [n_lo, n_hi) of one source; q_pos (BLOCK_M,) = each row's causal position.
+
+    The PV product accumulates into b_acc inside the wgmma (acc = dot(p, v, acc * alpha)): no separate add, and
+    the dot stays in flight across the loop edge (Triton makes it "properly async") while the next K tile's loads
+    and the next QK^T are issued."""
     for n0 in tl.range(n_lo, n_hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         b_k = _load_rows_kernel(p_kb + o_n[:, None] * s_kn, o_n, n_end, o_d, MASK_END, D, D_PAD)
@@ -210,7 +125,8 @@ def _fwd_inner_kernel(
         b_alpha = tl.math.exp2(b_mx - b_mu)
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_v = _load_rows_kernel(p_vb + o_n[:, None] * s_vn, o_n, n_end, o_d, MASK_END, D, D_PAD)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC)
+        b_acc = b_acc * b_alpha[:, None]
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)
         b_mx = b_mn
     return b_acc, b_mx, b_l
 
@@ -227,13 +143,12 @@ def _prefix_attn_fwd_kernel(
     p_lse,  # (B, Hq, Lq) fp32 contiguous, natural log
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkh, s_pkn, s_pvh, s_pvn, s_mb, s_mn, s_ob, s_oh, s_om,
-    Hq, Lq, Lk, P, qk_scale,
+    BH, Hq, Lq, Lk, P, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """out[b, h, m0:m0+BM] and lse for one query block; qk_scale = scale * log2(e)."""
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last) query blocks first
-    i_bh = tl.program_id(1).to(tl.int64)
+    """out[b, h, m0:m0+BM] and lse for one query block; qk_scale = scale * log2(e). Grid: cdiv(Lq, BM) * BH."""
+    i_m, i_bh = _block_ids_kernel(BH)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // GROUP
@@ -299,15 +214,16 @@ def _prefix_attn_decode_kernel(
     p_lsep,  # (S, B, Hq, Lq) fp32 per-split lse (-inf: the split saw no key)
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkh, s_pkn, s_pvh, s_pvn, s_mb, s_mn,
-    B, Hkv, Lq, Lk, P, qk_scale, chunk, n_prefix_splits,
+    B, Hkv, Lq, Lk, P, qk_scale, chunk, n_prefix_splits, n_splits, n_row_blocks,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """One split of the keys for BLOCK_M packed rows (query head g of the kv head's group, query i): row r is
     (g, i) = (r // Lq, r % Lq). Splits [0, n_prefix_splits) cover the prefix in chunks, the rest the tokens."""
-    i_s = tl.program_id(0)
-    i_r = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
+    pid = tl.program_id(0)  # (b * Hkv + h, row block, split) folded on grid x, the split fastest
+    i_s = pid % n_splits
+    i_r = (pid // n_splits) % n_row_blocks
+    i_bh = (pid // (n_splits * n_row_blocks)).to(tl.int64)
     i_b = i_bh // Hkv
     i_hk = i_bh % Hkv
     o_r = i_r * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -404,6 +320,8 @@ def _prefix_attn_combine_kernel(
     tl.store(p_lse + i_row, b_out_lse)
 
 
+
+
 # ------------------------------------------------------------------------------------------------ backward
 # Backward derivation. Per (b, query head h), with K~ = [prefix_k[h_kv] ; k[b, h_kv]] and V~ likewise (h_kv = h //
 # GROUP), s the scale and M the visibility mask (prefix always, tokens causal and unpadded):
@@ -420,22 +338,28 @@ def _prefix_attn_combine_kernel(
 # Masked pairs have P_ij = 0, so they drop out of every sum; rows that see no key (lse = -inf) are read as
 # lse = +inf, which makes their P row 0. Splitting K~ back: the first P rows of dK~/dV~ are the prefix grads of
 # this (b, h); d(prefix_k)[h_kv] = sum over b and over the GROUP query heads of h_kv. Token dK/dV of (b, h_kv) sum
-# the GROUP query heads. The dkdv kernel holds one key block and streams the query blocks that see it (causal:
-# query i sees token j iff i + Lk - Lq >= j, so blocks from max(0, n0 - offset) on; only those straddling the
-# diagonal need the element mask). Column masks (padding, the Lk/P edge) touch only their own column of dK/dV,
-# so the kernel applies them once, zeroing those rows at the end. The dq kernel walks keys like the forward.
+# the GROUP query heads.
+# Tiling (FlashAttention-2): the kv kernel holds one key block K_j, V_j and streams the query blocks i that see it
+# (causal: query m sees token n iff m + Lk - Lq >= n, so blocks from max(0, n0 - offset) on; only those straddling
+# the diagonal need the element mask), computing S_ij^T = K_j Q_i^T and dP_ij^T = V_j dO_i^T once; dV_j and dK_j
+# accumulate in registers over i, and dQ_i = s sum_j dS_ij K_j is a sum over the key blocks, which run in other
+# programs: each adds its term dS_ij K_j to an fp32 dQ accumulator (atomics; summation order = scheduling order),
+# or, deterministic, the dq kernel holds Q_i and walks the key blocks j itself (recomputing S_ij and dP_ij).
+# Padded token keys have P = 0 in every row (applied in the loop, so they add nothing to dQ and get dK = dV = 0);
+# keys past the Lk / P edge load as zero rows (their dQ term dS K is 0) and are not stored.
 @triton.jit
 def _prefix_attn_bwd_preprocess_kernel(
     p_o,     # (B, Hq, Lq, D) out, contiguous
     p_do,    # (B, Hq, Lq, D) dout, any strides, last dim contiguous
     p_dlse,  # (B, Hq, Lq) fp32 contiguous (read only when HAS_DLSE)
     p_delta,  # (B, Hq, Lq) fp32 out
-    s_dob, s_doh, s_dom, Hq, Lq,
+    s_dob, s_doh, s_dom, Hq, Lq, n_m,
     D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dlse."""
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)  # (b * Hq + h, row block) folded on grid x
+    i_m = pid % n_m
+    i_bh = (pid // n_m).to(tl.int64)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -450,42 +374,54 @@ def _prefix_attn_bwd_preprocess_kernel(
     tl.store(p_delta + i_bh * Lq + o_m, b_delta, mask=o_m < Lq)
 
 
+
+
 @triton.jit
-def _bwd_dkdv_inner_kernel(
-    b_dk, b_dv, b_k, b_v,
-    p_qb,     # q of this (b, h)
-    p_dob,    # dout of this (b, h)
-    p_lseb,   # lse row of this (b, h): (Lq,) fp32
-    p_deltab,  # delta row of this (b, h)
-    s_qm, s_dom, Lq, m_lo, m_hi, o_n, offset, o_d, qk_scale,
-    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+def _bwd_kv_inner_kernel(
+    b_dk, b_dv, b_k, b_v, m_col,
+    p_qh,     # q of (b, first query head of this kv head); head g at p_qh + g * s_qh
+    p_doh,    # dout, same; head g at p_doh + g * s_doh
+    p_lseh,   # lse of (b, first query head): (GROUP, Lq) fp32 rows
+    p_deltah,  # delta, same layout
+    p_dqh,    # (GROUP, Lq, D) fp32 dq accumulator rows, written only when ATOMIC_DQ
+    s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, offset, o_d, qk_scale, sm_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr,
+    MASK_COL: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dK/dV (not yet scaled) of one held key block from query rows [m_lo, m_hi); rows >= Lq read lse = +inf."""
-    for m0 in tl.range(m_lo, m_hi, BLOCK_M):
-        o_m = m0 + tl.arange(0, BLOCK_M)
+    """dK, dV (dK not yet scaled) of one held key block from query rows [m_lo, Lq) of each of the GROUP query
+    heads (one flat loop over (head, query block): one pipeline, no nested loop), and with ATOMIC_DQ these rows'
+    dQ share (dS K, scaled) added to the fp32 accumulator. Rows >= Lq read lse = +inf (P = 0)."""
+    n_it = tl.cdiv(Lq - m_lo, BLOCK_M)
+    for it in tl.range(0, GROUP * n_it):
+        g = it // n_it
+        o_m = m_lo + (it - g * n_it) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_m = o_m < Lq
         m_q = m_m[:, None]
         if D != D_PAD:
             m_q = m_q & (o_d < D)[None, :]
-        b_q = tl.load(p_qb + o_m[:, None] * s_qm + o_d[None, :], mask=m_q, other=0.0)
-        b_lse = tl.load(p_lseb + o_m, mask=m_m, other=float("inf"))
+        b_q = tl.load(p_qh + g * s_qh + o_m[:, None] * s_qm + o_d[None, :], mask=m_q, other=0.0)
+        b_lse = tl.load(p_lseh + g * Lq + o_m, mask=m_m, other=float("inf"))
         b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse) * _LOG2E
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M) = S^T, log2
         b_pt = tl.math.exp2(b_st - b_lse[None, :])
-        if MASK_CAUSAL:
+        if MASK_CAUSAL:  # a compare per element: cheaper than a second (diagonal-only) loop and its pipeline
             b_pt = tl.where((o_m[None, :] + offset) >= o_n[:, None], b_pt, 0.0)
-        b_do = tl.load(p_dob + o_m[:, None] * s_dom + o_d[None, :], mask=m_q, other=0.0)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC)
-        b_delta = tl.load(p_deltab + o_m, mask=m_m, other=0.0)
+        if MASK_COL:  # padded keys: P = 0, so they add nothing to dQ and get dK = dV = 0
+            b_pt = tl.where(m_col[:, None], b_pt, 0.0)
+        b_do = tl.load(p_doh + g * s_doh + o_m[:, None] * s_dom + o_d[None, :], mask=m_q, other=0.0)
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        b_delta = tl.load(p_deltah + g * Lq + o_m, mask=m_m, other=0.0)
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC)
+        b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
+        b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT_PREC)
+        if ATOMIC_DQ:
+            b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=DOT_PREC) * sm_scale
+            tl.atomic_add(p_dqh + (g * Lq + o_m)[:, None] * D + o_d[None, :], b_dq, mask=m_q, sem="relaxed")
     return b_dk, b_dv
 
 
 @triton.jit
-def _prefix_attn_bwd_dkdv_kernel(
+def _prefix_attn_bwd_kv_kernel(
     p_q, p_k, p_v,  # as in the forward
     p_pk, p_pv,     # (Hkv, P, D)
     p_kpm,          # (B, Lk) uint8
@@ -494,15 +430,18 @@ def _prefix_attn_bwd_dkdv_kernel(
     p_delta,        # (B, Hq, Lq) fp32 from the preprocess
     p_dk, p_dv,     # (B, Hkv, Lk, D) contiguous, input dtype
     p_dpk, p_dpv,   # (B, Hkv, P, D) fp32 contiguous per-batch prefix partials
+    p_dqa,          # (B, Hq, Lq, D) fp32 contiguous, zeroed: dq accumulator (written only when ATOMIC_DQ)
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkh, s_pkn, s_pvh, s_pvn, s_mb, s_mn, s_dob, s_doh, s_dom,
-    Hkv, Lq, Lk, P, n_prefix_blocks, sm_scale, qk_scale,
+    BH, Hkv, Lq, Lk, P, n_prefix_blocks, sm_scale, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """Program (i_n, b * Hkv + h_kv): key block i_n of [prefix blocks ; token blocks]; sums the GROUP query heads."""
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    """Program i_n * BH + (b * Hkv + h_kv): key block i_n of [prefix blocks ; token blocks] (the heaviest, first
+    blocks first); sums the GROUP query heads; with ATOMIC_DQ also adds every query block's dQ share."""
+    pid = tl.program_id(0)
+    i_n = pid // BH
+    i_bh = (pid % BH).to(tl.int64)
     i_b = i_bh // Hkv
     i_hk = i_bh % Hkv
     o_d = tl.arange(0, D_PAD)
@@ -528,42 +467,32 @@ def _prefix_attn_bwd_dkdv_kernel(
         m_kv = m_kv & (o_d < D)[None, :]
     b_k = tl.load(p_kb + o_n[:, None] * s_kn_src + o_d[None, :], mask=m_kv, other=0.0)
     b_v = tl.load(p_vb + o_n[:, None] * s_vn_src + o_d[None, :], mask=m_kv, other=0.0)
+    if HAS_KPM:  # token keys that are padding (the prefix is never masked: other=1)
+        m_col = tl.load(p_kpm + i_b * s_mb + o_n * s_mn, mask=m_n & (i_n >= n_prefix_blocks), other=1) != 0
+    else:
+        m_col = m_n
     b_dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     b_dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     offset = Lk - Lq
-    # query rows that see the block: all for the prefix and non-causal; causal tokens from n0 - offset on, masked
-    # up to m_mid (the rows below n0 + BLOCK_N - 1 - offset miss part of the block)
+    # query rows that see the block: all for the prefix and non-causal; causal tokens from n0 - offset on (the
+    # causal mask is applied with offset 2^30 for the prefix: every query sees every prefix key)
     if CAUSAL:
         m_lo = tl.where(is_prefix, 0, (tl.maximum(n0 - offset, 0) // BLOCK_M) * BLOCK_M)
-        m_mid = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M,
-                           tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
-        m_mid = tl.where(is_prefix, 0, tl.maximum(m_mid, m_lo))
     else:
         m_lo = 0
-        m_mid = 0
-    for g in range(GROUP):
-        i_hq = i_hk * GROUP + g
-        i_bhq = i_b * (Hkv * GROUP) + i_hq
-        p_qb = p_q + i_b * s_qb + i_hq * s_qh
-        p_dob = p_do + i_b * s_dob + i_hq * s_doh
-        p_lseb = p_lse + i_bhq * Lq
-        p_deltab = p_delta + i_bhq * Lq
-        b_dk, b_dv = _bwd_dkdv_inner_kernel(b_dk, b_dv, b_k, b_v, p_qb, p_dob, p_lseb, p_deltab, s_qm, s_dom, Lq,
-                                            m_lo, m_mid, o_n, offset, o_d, qk_scale,
-                                            D, D_PAD, BLOCK_M, True, DOT_PREC)
-        b_dk, b_dv = _bwd_dkdv_inner_kernel(b_dk, b_dv, b_k, b_v, p_qb, p_dob, p_lseb, p_deltab, s_qm, s_dom, Lq,
-                                            m_mid, Lq, o_n, offset, o_d, qk_scale,
-                                            D, D_PAD, BLOCK_M, False, DOT_PREC)
+    i_bhq = i_b * (Hkv * GROUP) + i_hk * GROUP  # (b, first query head of this kv head)
+    b_dk, b_dv = _bwd_kv_inner_kernel(b_dk, b_dv, b_k, b_v, m_col,
+                                      p_q + i_b * s_qb + i_hk * GROUP * s_qh, p_do + i_b * s_dob + i_hk * GROUP * s_doh,
+                                      p_lse + i_bhq * Lq, p_delta + i_bhq * Lq, p_dqa + i_bhq * Lq * D,
+                                      s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, tl.where(is_prefix, 1 << 30, offset), o_d,
+                                      qk_scale, sm_scale,
+                                      GROUP, D, D_PAD, BLOCK_M, CAUSAL, HAS_KPM, ATOMIC_DQ, DOT_PREC)
     b_dk = b_dk * sm_scale
     if is_prefix:
         o_row = (i_bh * P + o_n)[:, None] * D + o_d[None, :]
         tl.store(p_dpk + o_row, b_dk, mask=m_kv)
         tl.store(p_dpv + o_row, b_dv, mask=m_kv)
     else:
-        if HAS_KPM:  # padded keys are seen by no query: zero their rows (the loops did not mask them)
-            m_real = tl.load(p_kpm + i_b * s_mb + o_n * s_mn, mask=m_n, other=0) != 0
-            b_dk = tl.where(m_real[:, None], b_dk, 0.0)
-            b_dv = tl.where(m_real[:, None], b_dv, 0.0)
         o_row = (i_bh * Lk + o_n)[:, None] * D + o_d[None, :]
         tl.store(p_dk + o_row, b_dk.to(p_dk.dtype.element_ty), mask=m_kv)
         tl.store(p_dv + o_row, b_dv.to(p_dv.dtype.element_ty), mask=m_kv)
@@ -601,19 +530,21 @@ def _bwd_dq_inner_kernel(
     return b_dq
 
 
+
+
 @triton.jit
 def _prefix_attn_bwd_dq_kernel(
     p_q, p_k, p_v, p_pk, p_pv, p_kpm, p_do, p_lse, p_delta,  # as in the dkdv kernel
     p_dq,  # (B, Hq, Lq, D) contiguous, input dtype
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_pkh, s_pkn, s_pvh, s_pvn, s_mb, s_mn, s_dob, s_doh, s_dom,
-    Hq, Lq, Lk, P, sm_scale, qk_scale,
+    BH, Hq, Lq, Lk, P, sm_scale, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dq of one query block: keys of the prefix, then the tokens (same ranges as the forward)."""
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
+    """dq of one query block: keys of the prefix, then the tokens (same ranges as the forward). The deterministic
+    path (no atomics): a second recomputation of S and dP, 2 of the 7 GEMM-sized passes."""
+    i_m, i_bh = _block_ids_kernel(BH)
     i_b = i_bh // Hq
     i_h = i_bh % Hq
     i_hk = i_h // GROUP
@@ -659,243 +590,12 @@ def _prefix_attn_bwd_dq_kernel(
     tl.store(p_dq + (i_bh * Lq + o_m)[:, None] * D + o_d[None, :], b_dq.to(p_dq.dtype.element_ty), mask=m_q)
 
 
-# ------------------------------------------------------------------------------------------------ launchers
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def __getattr__(name: str) -> Any:
+    """The launch-side names of the op contract (dispatch_space, record_launches, the launchers, the config
+    helpers) live in kernels/prefix_attention_launch.py; they are forwarded lazily so this file holds kernels only."""
+    if not name.startswith("__"):
+        from . import prefix_attention_launch
 
-
-def _prep(q, k, v, prefix_k, prefix_v, key_padding_mask):
-    """Inputs as the kernels read them: last dims contiguous, an empty prefix for None, the mask as uint8."""
-    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
-    if prefix_k is None:
-        prefix_k = prefix_v = q.new_zeros((k.shape[1], 0, q.shape[-1]))
-    prefix_k, prefix_v = _last_contiguous(prefix_k), _last_contiguous(prefix_v)
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.to(torch.bool)
-        kpm = kpm.view(torch.uint8)  # same bytes, any strides
-    return q, k, v, prefix_k, prefix_v, kpm
-
-
-def _common_args(q, k, v, pk, pv, kpm):
-    mask_strides = (kpm.stride(0), kpm.stride(1)) if kpm is not None else (0, 0)
-    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
-            *mask_strides)
-
-
-def prefix_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    *,
-    config: AttnConfig | None = None,
-    decode: bool | None = None,
-    decode_chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launcher. q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); prefix_k/v: (Hkv, P, D) or None;
-    key_padding_mask: (B, Lk) bool or None. Returns out (B, Hq, Lq, D) contiguous in q's dtype and lse (B, Hq, Lq)
-    fp32. decode=None picks the split-K path for Lq <= DECODE_MAX_LQ; config / decode_chunk_size override the
-    tile table and the split size (tests)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    q, k, v, pk, pv, kpm = _prep(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    P = pk.shape[1]
-    out = torch.empty((B, Hq, Lq, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        lse.fill_(float("-inf"))
-        return out, lse
-    d_pad = head_dim_pad(D)
-    group = Hq // Hkv
-    qk_scale = scale * LOG2E
-    kpm_arg = kpm if kpm is not None else q  # never read when HAS_KPM is False
-    strides = _common_args(q, k, v, pk, pv, kpm)
-    if decode is None:
-        decode = Lq <= DECODE_MAX_LQ
-    prec = dot_precision(q.dtype)
-    if decode:
-        rows = group * Lq
-        cfg = config or decode_config(d_pad, q.dtype, rows)
-        n_row_blocks = triton.cdiv(rows, cfg.block_m)
-        chunk = decode_chunk_size or decode_chunk(B * Hkv * n_row_blocks, P, Lk, cfg.block_n, _num_sms(q.device))
-        n_ps, n_ts = triton.cdiv(P, chunk), triton.cdiv(Lk, chunk)
-        if chunk % cfg.block_n or n_ps + n_ts > MAX_DECODE_SPLITS:
-            raise ValueError(f"decode chunk {chunk} must be a multiple of block_n={cfg.block_n} and give at most "
-                             f"{MAX_DECODE_SPLITS} splits (P={P}, Lk={Lk})")
-        S = max(n_ps + n_ts, 1)
-        o_part = torch.empty((S, B, Hq, Lq, D), device=q.device, dtype=torch.float32)
-        lse_part = torch.empty((S, B, Hq, Lq), device=q.device, dtype=torch.float32)
-        if n_ps + n_ts == 0:  # no key at all (P == 0, Lk == 0, non-causal)
-            o_part.zero_()
-            lse_part.fill_(float("-inf"))
-        else:
-            _prefix_attn_decode_kernel[(S, n_row_blocks, B * Hkv)](
-                q, k, v, pk, pv, kpm_arg, o_part, lse_part, *strides,
-                B, Hkv, Lq, Lk, P, qk_scale, chunk, n_ps,
-                GROUP=group, D=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-                HAS_KPM=kpm is not None, DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _prefix_attn_combine_kernel[(B * Hq * Lq,)](
-            o_part, lse_part, out, lse, B * Hq * Lq, S, D=D, D_PAD=d_pad,
-            S_PAD=MAX_DECODE_SPLITS, S_CHUNK=COMBINE_CHUNK, num_warps=4)
-        return out, lse
-    cfg = config or fwd_config(d_pad, q.dtype)
-    grid = (triton.cdiv(Lq, cfg.block_m), B * Hq)
-    _prefix_attn_fwd_kernel[grid](
-        q, k, v, pk, pv, kpm_arg, out, lse, *strides, out.stride(0), out.stride(1), out.stride(2),
-        Hq, Lq, Lk, P, qk_scale,
-        GROUP=group, D=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-        HAS_KPM=kpm is not None, DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out, lse
-
-
-def prefix_attention_bwd(
-    dout: torch.Tensor,
-    dlse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    prefix_k: torch.Tensor | None,
-    prefix_v: torch.Tensor | None,
-    key_padding_mask: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    causal: bool,
-    scale: float,
-    *,
-    dkdv_config: AttnConfig | None = None,
-    dq_config: AttnConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward launcher. dout: (B, Hq, Lq, D); dlse: (B, Hq, Lq) or None; out, lse from prefix_attention_fwd.
-    Returns dq, dk, dv (shapes of q, k, v, contiguous, input dtype) and d(prefix_k), d(prefix_v) (Hkv, P, D),
-    P = 0 when there is no prefix. Deterministic: no atomics; the prefix grads are summed over the batch by
-    torch.sum over fp32 per-batch partials."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    q, k, v, pk, pv, kpm = _prep(q, k, v, prefix_k, prefix_v, key_padding_mask)
-    dout = _last_contiguous(dout)
-    P = pk.shape[1]
-    dq = torch.empty((B, Hq, Lq, D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, Hkv, Lk, D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((B, Hkv, Lk, D), device=q.device, dtype=v.dtype)
-    dpk_part = torch.empty((B, Hkv, P, D), device=q.device, dtype=torch.float32)
-    dpv_part = torch.empty((B, Hkv, P, D), device=q.device, dtype=torch.float32)
-    if Lq == 0 or B == 0:  # nothing attends: every grad is 0
-        for t in (dq, dk, dv, dpk_part, dpv_part):
-            t.zero_()
-        return dq, dk, dv, dpk_part.sum(0).to(pk.dtype), dpv_part.sum(0).to(pv.dtype)
-    d_pad = head_dim_pad(D)
-    group = Hq // Hkv
-    prec = dot_precision(q.dtype)
-    delta = torch.empty((B, Hq, Lq), device=q.device, dtype=torch.float32)
-    dlse_arg = dlse.contiguous().float() if dlse is not None else delta
-    _prefix_attn_bwd_preprocess_kernel[(triton.cdiv(Lq, PREPROCESS_BLOCK_M), B * Hq)](
-        out, dout, dlse_arg, delta, dout.stride(0), dout.stride(1), dout.stride(2), Hq, Lq,
-        D=D, D_PAD=d_pad, BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=dlse is not None, num_warps=4)
-    kpm_arg = kpm if kpm is not None else q
-    strides = _common_args(q, k, v, pk, pv, kpm) + (dout.stride(0), dout.stride(1), dout.stride(2))
-    qk_scale = scale * LOG2E
-    c1 = dkdv_config or bwd_dkdv_config(d_pad, q.dtype)
-    n_pb = triton.cdiv(P, c1.block_n)
-    n_blocks = n_pb + triton.cdiv(Lk, c1.block_n)
-    if n_blocks:
-        _prefix_attn_bwd_dkdv_kernel[(n_blocks, B * Hkv)](
-            q, k, v, pk, pv, kpm_arg, dout, lse, delta, dk, dv, dpk_part, dpv_part, *strides,
-            Hkv, Lq, Lk, P, n_pb, scale, qk_scale,
-            GROUP=group, D=D, D_PAD=d_pad, BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, CAUSAL=causal,
-            HAS_KPM=kpm is not None, DOT_PREC=prec, num_warps=c1.num_warps, num_stages=c1.num_stages)
-    c2 = dq_config or bwd_dq_config(d_pad, q.dtype)
-    _prefix_attn_bwd_dq_kernel[(triton.cdiv(Lq, c2.block_m), B * Hq)](
-        q, k, v, pk, pv, kpm_arg, dout, lse, delta, dq, *strides,
-        Hq, Lq, Lk, P, scale, qk_scale,
-        GROUP=group, D=D, D_PAD=d_pad, BLOCK_M=c2.block_m, BLOCK_N=c2.block_n, CAUSAL=causal,
-        HAS_KPM=kpm is not None, DOT_PREC=prec, num_warps=c2.num_warps, num_stages=c2.num_stages)
-    dpk = dpk_part.sum(0).to(pk.dtype)  # fixed-order reduction over the batch
-    dpv = dpv_part.sum(0).to(pv.dtype)
-    return dq, dk, dv, dpk, dpv
-
-
-# ------------------------------------------------------------------------------------------------ AOT space
-_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_FLOAT_ARGS = ("qk_scale", "sm_scale")
-_F32_POINTERS = ("p_lse", "p_op", "p_lsep", "p_delta", "p_dlse", "p_dpk", "p_dpv")
-
-
-_NOT_ALIGNED = ("p_kpm", "s_mb", "s_mn")  # the padding mask may be a sliced view with any length
-
-
-def _aot_spec(kernel, dtype: torch.dtype, constexprs: dict, cfg: AttnConfig, label: str) -> dict:
-    """A compile spec for tests/sm90.py (compile_sm90_many). Types carry ":16" where a launch with head_dim a
-    multiple of 16 sees the argument divisible by 16 (pointers: 16-byte aligned), as Triton's launch-time
-    specialisation marks it: every pointer and stride except the padding mask's; lengths may be anything."""
-    t = _TY[dtype]
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        if name == "p_kpm":
-            ty = "*u8"
-        elif name in _F32_POINTERS:
-            ty = "*fp32"
-        elif name.startswith("p_"):
-            ty = f"*{t}"
-        elif name in _FLOAT_ARGS:
-            ty = "fp32"
-        else:
-            ty = "i32"
-        aligned = name.startswith(("p_", "s_")) and name not in _NOT_ALIGNED
-        sig[name] = ty + (":16" if aligned else "")
-    return {"fn": kernel, "signature": sig, "constexprs": dict(constexprs), "num_warps": cfg.num_warps,
-            "num_stages": cfg.num_stages, "label": label}
-
-
-def sm90_dispatch_space(full: bool = False) -> list[dict]:
-    """Every (kernel, tile config) the launchers can dispatch to, as compile specs (see _aot_spec).
-
-    Default (what a CPU test run compiles): bf16, one head_dim per row of the fp16/bf16 tile table (64, 80 for the
-    128 row: the same tiles as 128 plus the padded-D masks, 256), the forward, decode (each block_m), dkdv and dq
-    kernels with the heaviest flags (causal, padding mask, GQA), and the preprocess and combine kernels.
-    full=True adds head_dims 16, 32, 96, 128, 192, fp16, the fp32 tiles (exact and TF32 dots: fp32 is a test
-    dtype), and the flag variants (non-causal, no mask, MHA), which only remove code.
-    """
-    specs: list[dict] = []
-    half_dims = [(64, 64), (80, 128), (256, 256)]  # one per tile row; 80 has the padded-D masks of the 128 row
-    fp32_dims = [(80, 128), (256, 256)]
-    runs = [(torch.bfloat16, "tf32", half_dims)]
-    flag_sets = [(True, True, 4)]
-    if full:
-        extra = [(16, 16), (32, 32), (96, 128), (128, 128), (192, 256)]
-        runs = [(torch.bfloat16, "tf32", half_dims + extra), (torch.float16, "tf32", half_dims + [(128, 128)]),
-                (torch.float32, "ieee", fp32_dims + extra), (torch.float32, "tf32", fp32_dims)]
-        flag_sets += [(False, False, 1), (True, False, 1), (False, True, 8)]
-    for dtype, prec, dims in runs:
-        for D, d_pad in dims:
-            for causal, kpm, group in flag_sets:
-                tag = (f"{_TY[dtype]}-{prec}-D{D}-{'causal' if causal else 'full'}-{'kpm' if kpm else 'nokpm'}"
-                       f"-G{group}")
-                base = dict(GROUP=group, D=D, D_PAD=d_pad, CAUSAL=causal, HAS_KPM=kpm, DOT_PREC=prec)
-                for name, kernel, cfg in (("fwd", _prefix_attn_fwd_kernel, fwd_config(d_pad, dtype)),
-                                          ("dkdv", _prefix_attn_bwd_dkdv_kernel, bwd_dkdv_config(d_pad, dtype)),
-                                          ("dq", _prefix_attn_bwd_dq_kernel, bwd_dq_config(d_pad, dtype))):
-                    consts = dict(base, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                    specs.append(_aot_spec(kernel, dtype, consts, cfg, f"{name}-{tag}"))
-                for cfg in sorted({decode_config(d_pad, dtype, rows) for rows in DECODE_BLOCK_MS},
-                                  key=lambda c: c.block_m):
-                    consts = dict(base, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
-                    specs.append(_aot_spec(_prefix_attn_decode_kernel, dtype, consts, cfg,
-                                           f"decode-M{cfg.block_m}-{tag}"))
-    small = AttnConfig(PREPROCESS_BLOCK_M, 16, 4, 1)
-    for dtype, D, d_pad in ((torch.bfloat16, 80, 128), (torch.float32, 256, 256)):
-        specs.append(_aot_spec(_prefix_attn_bwd_preprocess_kernel, dtype,
-                               dict(D=D, D_PAD=d_pad, BLOCK_M=PREPROCESS_BLOCK_M, HAS_DLSE=True), small,
-                               f"preprocess-{_TY[dtype]}-D{D}"))
-        specs.append(_aot_spec(_prefix_attn_combine_kernel, dtype,
-                               dict(D=D, D_PAD=d_pad, S_PAD=MAX_DECODE_SPLITS, S_CHUNK=COMBINE_CHUNK), small,
-                               f"combine-{_TY[dtype]}-D{D}"))
-    return specs
+        if hasattr(prefix_attention_launch, name):
+            return getattr(prefix_attention_launch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

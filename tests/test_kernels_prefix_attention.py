@@ -112,12 +112,13 @@ def ref_grads(inp, kpm, causal, scale, dout, dlse):
     return out.detach(), lse.detach(), grads
 
 
-def kernel_run(lo, kpm, causal, scale, dout, dlse, fwd_cfg=SMALL, dkdv_cfg=SMALL, dq_cfg=SMALL, decode=None,
-               chunk=None):
+def kernel_run(lo, kpm, causal, scale, dout, dlse, fwd_cfg=SMALL, kv_cfg=SMALL, dq_cfg=SMALL, decode=None,
+               chunk=None, deterministic=None):
     out, lse = K.prefix_attention_fwd(lo["q"], lo["k"], lo["v"], lo["prefix_k"], lo["prefix_v"], kpm, causal, scale,
                                       config=fwd_cfg, decode=decode, decode_chunk_size=chunk)
     grads = K.prefix_attention_bwd(dout, dlse, lo["q"], lo["k"], lo["v"], lo["prefix_k"], lo["prefix_v"], kpm, out,
-                                   lse, causal, scale, dkdv_config=dkdv_cfg, dq_config=dq_cfg)
+                                   lse, causal, scale, kv_config=kv_cfg, dq_config=dq_cfg,
+                                   deterministic=deterministic)
     return out, lse, list(grads)
 
 
@@ -302,15 +303,95 @@ def test_public_op_noncontiguous_inputs_and_lse_grad():
 
 
 def test_backward_is_deterministic():
-    """Two backward passes give bitwise equal gradients (no atomics; prefix grads reduced in a fixed order)."""
+    """Deterministic mode: two backward passes give bitwise equal gradients (no atomics; prefix grads reduced in a
+    fixed order)."""
     _, lo, kpm = make(B=2, Hq=4, Hkv=1, Lq=37, Lk=37, D=16, P=21, pad="left", seed=15)
     args = [lo[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")] + [kpm]
     out, lse = K.prefix_attention_fwd(*args, True, 0.25)
     dout = torch.randn(out.shape).to(DEVICE)
-    g1 = K.prefix_attention_bwd(dout, None, *args, out, lse, True, 0.25)
-    g2 = K.prefix_attention_bwd(dout, None, *args, out, lse, True, 0.25)
+    g1 = K.prefix_attention_bwd(dout, None, *args, out, lse, True, 0.25, deterministic=True)
+    g2 = K.prefix_attention_bwd(dout, None, *args, out, lse, True, 0.25, deterministic=True)
     for name, a, b in zip(NAMES, g1, g2, strict=True):
         assert torch.equal(a, b), name
+    ga = K.prefix_attention_bwd(dout, None, *args, out, lse, True, 0.25, deterministic=False)
+    for name, a, b in zip(NAMES, ga, g1, strict=True):  # atomic dQ: same gradients up to fp32 summation order
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+DET_CASES = ["gqa-P5-D16-left", "gqa-P21-D16-left-full", "gqa-P5-D16-chunk-Lq20-Lk37", "gqa-P5-D80pad-right"]
+
+
+@pytest.mark.parametrize("case", DET_CASES, ids=DET_CASES)
+def test_deterministic_mode_matches_reference(case):
+    """The deterministic backward (separate dq kernel, no atomics) against the float64 reference."""
+    B, Hq, Hkv, Lq, Lk, D, P, pad, causal = CASES[case]
+    hi, lo, kpm = make(B, Hq, Hkv, Lq, Lk, D, P, pad=pad)
+    scale = 0.3 if not causal else 1 / math.sqrt(D)
+    g = torch.Generator().manual_seed(5)
+    dout = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE)
+    dlse = torch.randn(B, Hq, Lq, generator=g).to(DEVICE)
+    _, _, grads = kernel_run(lo, kpm, causal, scale, dout, dlse, decode=False, deterministic=True)
+    _, _, r_grads = ref_grads(hi, kpm, causal, scale, dout, dlse)
+    for name, got, want in zip(NAMES, grads, r_grads, strict=True):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=5e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _bwd_kernels(**env) -> list[str]:
+    """Kernel names a backward launches on meta tensors (as on an sm_90 GPU)."""
+    from fastadapters.kernels._configs import use_target
+
+    meta = torch.device("meta")
+    q = torch.empty(2, 4, 64, 64, device=meta, dtype=torch.bfloat16)
+    kv = torch.empty(2, 2, 64, 64, device=meta, dtype=torch.bfloat16)
+    pk = torch.empty(2, 5, 64, device=meta, dtype=torch.bfloat16)
+    lse = torch.empty(2, 4, 64, device=meta)
+    with use_target("sm_90"), K.record_launches() as rec:
+        K.prefix_attention_bwd(q, None, q, kv, kv, pk, pk, None, q, lse, True, 0.125)
+    return [launch.kernel.fn.__name__ if hasattr(launch.kernel, "fn") else launch.kernel.__name__ for launch in rec]
+
+
+def test_default_mode_follows_torch_deterministic_algorithms(monkeypatch):
+    """Atomic dQ by default; torch.use_deterministic_algorithms(True) or FASTADAPTERS_PREFIX_DETERMINISTIC=1 switch to
+    the deterministic dq kernel; =0 forces atomics; anything else is a clear error."""
+    monkeypatch.delenv("FASTADAPTERS_PREFIX_DETERMINISTIC", raising=False)
+    assert "_prefix_attn_bwd_dq_kernel" not in _bwd_kernels()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "_prefix_attn_bwd_dq_kernel" in _bwd_kernels()
+        monkeypatch.setenv("FASTADAPTERS_PREFIX_DETERMINISTIC", "0")
+        assert "_prefix_attn_bwd_dq_kernel" not in _bwd_kernels()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    monkeypatch.setenv("FASTADAPTERS_PREFIX_DETERMINISTIC", "1")
+    assert "_prefix_attn_bwd_dq_kernel" in _bwd_kernels()
+    monkeypatch.setenv("FASTADAPTERS_PREFIX_DETERMINISTIC", "yes")
+    with pytest.raises(ValueError, match="FASTADAPTERS_PREFIX_DETERMINISTIC"):
+        _bwd_kernels()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_90"])
+def test_meta_launch_with_more_than_65535_heads(arch):
+    """B * H = 131072 (> 65535, the grid y/z limit): forward, decode and both backward modes run end to end on meta
+    tensors (no host sync) and every grid is 1-D within grid x's 2^31 - 1."""
+    from fastadapters.kernels._configs import use_target
+
+    meta = torch.device("meta")
+    B, Hq, Hkv, L, D, P = 2048, 64, 16, 128, 128, 30
+    q = torch.empty(B, Hq, L, D, device=meta, dtype=torch.bfloat16)
+    kv = torch.empty(B, Hkv, L, D, device=meta, dtype=torch.bfloat16)
+    pk = torch.empty(Hkv, P, D, device=meta, dtype=torch.bfloat16)
+    kpm = torch.empty(B, L, device=meta, dtype=torch.bool)
+    with use_target(arch), K.record_launches() as rec:
+        out, lse = K.prefix_attention_fwd(q, kv, kv, pk, pk, kpm, True, 0.1)
+        for det in (False, True):
+            grads = K.prefix_attention_bwd(out, lse, q, kv, kv, pk, pk, kpm, out, lse, True, 0.1, deterministic=det)
+        K.prefix_attention_fwd(q[:, :, -1:], kv, kv, pk, pk, kpm, True, 0.1)  # decode
+    assert out.shape == q.shape and lse.shape == (B, Hq, L)
+    assert [t.shape for t in grads] == [q.shape, kv.shape, kv.shape, pk.shape, pk.shape]
+    assert len(rec) == 8  # fwd; preprocess + kv; preprocess + kv + dq; decode + combine
+    for launch in rec:
+        assert len(launch.grid) == 1 and 65535 < launch.grid[0] < 2**31, launch.grid
 
 
 def test_no_prefix_none_and_empty_agree():

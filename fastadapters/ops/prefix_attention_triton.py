@@ -1,4 +1,5 @@
-"""The "triton" backend of fa.ops.prefix_attention: torch.library custom ops around kernels/prefix_attention.py.
+"""The "triton" backend of fa.ops.prefix_attention: torch.library custom ops around the launchers in
+kernels/prefix_attention_launch.py (kernels: kernels/prefix_attention.py).
 
     fastadapters::prefix_attention_fwd(q, k, v, prefix_k?, prefix_v?, key_padding_mask?, causal, scale)
         -> (out (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) fp32)
@@ -8,8 +9,13 @@
 Both have fake (meta) implementations so torch.compile traces through them; the forward op carries its autograd
 formula (register_autograd), so gradients reach q, k, v and the prefix (and flow from lse too when it is used).
 
+The launchers run on their inputs' device (their own torch.cuda.device guard) in both directions. The backward
+is deterministic when torch.use_deterministic_algorithms(True) is on (or FASTADAPTERS_PREFIX_DETERMINISTIC=1),
+else it adds dQ with fp32 atomics (see kernels/prefix_attention.py); the prefix gradients are reduced in a fixed
+order either way.
+
 Importing this module registers `prefix_attention_triton` for backend "triton" in fastadapters.ops._registry (when
-triton is installed) but does not import triton: the kernels (fastadapters.kernels.prefix_attention) load at the
+triton is installed) but does not import triton: the kernels (fastadapters.kernels.prefix_attention_launch) load at the
 first call, so TRITON_INTERPRET can still be set before that (tests on CPU). The kernels run CUDA tensors, and CPU
 tensors only under the interpreter when the backend is asked for explicitly ("triton"; "auto" keeps the reference
 on CPU).
@@ -17,7 +23,6 @@ on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 from typing import Any
@@ -27,18 +32,13 @@ import torch
 from ._registry import register_kernel
 from ._triton_common import SUPPORTED_DTYPES, device_refusal
 
-MAX_HEAD_DIM = 256  # kernels.prefix_attention.MAX_HEAD_DIM (not imported here: that would import triton)
+MAX_HEAD_DIM = 256  # kernels.prefix_attention_configs.MAX_HEAD_DIM (not imported here: that would import triton)
 
 
 def _kernels() -> Any:
-    from ..kernels import prefix_attention
+    from ..kernels import prefix_attention_launch
 
-    return prefix_attention
-
-
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on t's GPU (Triton launches on the current device), nothing on CPU."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    return prefix_attention_launch
 
 
 @torch.library.custom_op("fastadapters::prefix_attention_fwd", mutates_args=())
@@ -54,8 +54,7 @@ def prefix_attention_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); prefix_k/v: (Hkv, P, D) or None; key_padding_mask: (B, Lk) bool
     or None. Returns out (B, Hq, Lq, D) in q's dtype and lse (B, Hq, Lq) fp32 (natural log, -inf: no key)."""
-    with _on_device(q):
-        return _kernels().prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+    return _kernels().prefix_attention_fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
 @prefix_attention_fwd_op.register_fake
@@ -131,7 +130,8 @@ def prefix_attention_triton(
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); prefix_k, prefix_v: (Hkv, P, D) or None; key_padding_mask: (B, Lk)
     bool or None. Returns out (B, Hq, Lq, D) (and lse (B, Hq, Lq) fp32 with return_lse). Differentiable in q, k, v
-    and the prefix; the backward is deterministic (bitwise equal run to run).
+    and the prefix; the backward is bitwise reproducible under torch.use_deterministic_algorithms(True) (else dQ
+    is summed with fp32 atomics; the prefix gradients are reduced in a fixed order either way).
     """
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
