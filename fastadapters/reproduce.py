@@ -72,9 +72,9 @@ class Preset:
 
 
 PRESET_SETTINGS: dict[str, Preset] = {
-    # 2 CPU cores: 4 x 48 training records, 24 steps of 8 (one epoch), 4 x 40 test records.
-    "cpu": Preset("cpu", n_train=48, n_test=40, max_steps=24, micro_batch_size=8, batch_size=8, cutoff_len=256,
-                  eval_batch_size=20, max_new_tokens={"commonsense": 16, "math": 32}, warmup_steps=3),
+    # 2 CPU cores: 4 x 32 training records, 16 steps of 8 (one epoch), 4 x 25 test records.
+    "cpu": Preset("cpu", n_train=32, n_test=25, max_steps=16, micro_batch_size=8, batch_size=8, cutoff_len=256,
+                  eval_batch_size=25, max_new_tokens={"commonsense": 10, "math": 32}, warmup_steps=2),
     # a GPU (minutes on an H200): every training record (18.5k), one epoch of 32, up to 1000 test records per task
     "gpu": Preset("gpu", n_train=None, n_test=1000, max_steps=None, micro_batch_size=32, batch_size=32,
                   cutoff_len=256, eval_batch_size=128, max_new_tokens={"commonsense": 32, "math": 256},
@@ -87,32 +87,32 @@ PRESET_SETTINGS: dict[str, Preset] = {
 _BN = "64"  # bottleneck size on SmolLM2 (hidden 576); the paper's 256 was for LLaMA-7B (hidden 4096)
 LORA_QKV_MLP = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's LoRA targets
 
-TYPE_ROWS: tuple[Row, ...] = (
+TYPE_ROWS: tuple[Row, ...] = (  # prefix and prompt tuning first: the rows most sensitive to their settings
     Row("prefix", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", "10"), 1e-2),
-    Row("series", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN), 1e-3),
-    Row("adapterp", "AdapterP", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_adapterp"),
-        1e-3),
-    Row("parallel", "Parallel", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN,
-                                 "--use_parallel_adapter"), 1e-3),
+    Row("prompt", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", "20"), 2e-2),
     Row("lora", "LoRA", ("--adapter_name", "lora", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
-                         "--lora_target_modules", ",".join(LORA_QKV_MLP)), 1e-3),
-    Row("prompt", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", "20"), 3e-2),
+                         "--lora_target_modules", ",".join(LORA_QKV_MLP)), 2e-3),
+    Row("series", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN), 2e-3),
+    Row("adapterp", "AdapterP", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_adapterp"),
+        2e-3),
+    Row("parallel", "Parallel", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN,
+                                 "--use_parallel_adapter"), 2e-3),
 )
 
 
 def _series(name: str, targets: Sequence[str]) -> Row:
     return Row(name, "Series", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_adapterp",
-                                "--target_modules", ",".join(targets)), 1e-3)
+                                "--target_modules", ",".join(targets)), 2e-3)
 
 
 def _parallel(name: str, targets: Sequence[str]) -> Row:
     return Row(name, "Parallel", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_parallel_adapter",
-                                  "--target_modules", ",".join(targets)), 1e-3)
+                                  "--target_modules", ",".join(targets)), 2e-3)
 
 
 def _lora(name: str, targets: Sequence[str], r: int = 32) -> Row:
     return Row(name, "LoRA", ("--adapter_name", "lora", "--lora_r", str(r), "--lora_alpha", str(2 * r),
-                              "--lora_target_modules", ",".join(targets)), 1e-3)
+                              "--lora_target_modules", ",".join(targets)), 2e-3)
 
 
 # The paper's placement study: series after attention / after the MLP / both; parallel beside attention / the MLP;
@@ -127,11 +127,11 @@ PLACEMENT_ROWS: tuple[Row, ...] = (
 # The paper's hyper-parameter study: LoRA rank, bottleneck size, number of virtual tokens.
 HPARAM_ROWS: tuple[Row, ...] = (
     *(_lora(f"lora-r{r}", LORA_QKV_MLP, r) for r in (4, 8, 16, 32)),
-    *(Row(f"series-b{b}", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", str(b)), 1e-3)
+    *(Row(f"series-b{b}", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", str(b)), 2e-3)
       for b in (16, 64, 256)),
     *(Row(f"prefix-vt{v}", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", str(v)), 1e-2)
       for v in (10, 30)),
-    *(Row(f"prompt-vt{v}", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", str(v)), 3e-2)
+    *(Row(f"prompt-vt{v}", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", str(v)), 2e-2)
       for v in (10, 30)),
 )
 STUDY_ROWS: dict[str, tuple[Row, ...]] = {"types": TYPE_ROWS, "placement": PLACEMENT_ROWS, "hparams": HPARAM_ROWS}
@@ -265,6 +265,92 @@ def _params_callback() -> Any:
     return ParamCount()
 
 
+INIT_TEXT = "Please choose the correct answer to the question. Answer format: the correct answer is"
+
+
+def _real_word_init_callback(tokenizer: Any) -> Any:
+    """Start prompt and prefix tuning from real words instead of PEFT's N(0, 1) tables.
+
+    PEFT (and so `fastadapters train`) draws the virtual tokens from N(0, 1): for SmolLM2 that is 7x the rms of its
+    word embeddings (0.14) and, for prefix tuning, 25x the rms of layer 0's values (0.04), in every layer, so the
+    untrained adapter already wrecks the model (it answers "199.9/199/12" or "1. 1. 1.") and a few dozen Adam steps
+    cannot undo it. Prompt tuning starts from the word embeddings of INIT_TEXT (PEFT's TEXT init, Lester et al.
+    2021); prefix tuning from the keys and values the frozen model computes for INIT_TEXT in every layer (Li & Liang
+    2021, "real word" initialisation). Applied when training begins (the optimizer holds the same tensors).
+    """
+    import torch
+    import transformers as tf
+
+    class RealWordInit(tf.TrainerCallback):
+        kind = ""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+            if state.global_step or model is None or not hasattr(model, "prompt_encoder"):
+                return
+            for name, enc in model.prompt_encoder.items():
+                peft_type = getattr(model.peft_config.get(name), "peft_type", "")
+                with torch.no_grad():
+                    if peft_type == "PROMPT_TUNING":
+                        self.kind = "prompt"
+                        _init_prompt(model, enc, tokenizer)
+                    elif peft_type == "PREFIX_TUNING" and not enc.prefix_projection:
+                        self.kind = "prefix"
+                        _init_prefix(model, name, enc, tokenizer)
+
+    return RealWordInit()
+
+
+def _init_ids(tokenizer: Any, n: int) -> Any:
+    import torch
+
+    ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
+    ids = (ids * (n // len(ids) + 1))[:n]
+    return torch.tensor([ids])
+
+
+def _init_prompt(model: Any, enc: Any, tokenizer: Any) -> None:
+    w = enc.embedding.weight
+    emb = model.base_model.get_input_embeddings()
+    w.copy_(emb(_init_ids(tokenizer, w.shape[0]).to(emb.weight.device))[0].to(w))
+
+
+def _init_prefix(model: Any, name: str, enc: Any, tokenizer: Any) -> None:
+    """Prefix table row p = [k_0(p), v_0(p), k_1(p), v_1(p), ...]: the frozen model's key / value projections of
+    INIT_TEXT's p-th token in every layer (PEFT's layout; keys before RoPE, as the prefix is never rotated)."""
+    import re
+
+    w = enc.embedding.weight
+    cfg = model.peft_config[name]
+    found: dict[tuple[int, str], Any] = {}
+    hooks = []
+    for mod_name, mod in model.base_model.named_modules():
+        m = re.search(r"layers\.(\d+)\.self_attn\.([kv])_proj$", mod_name)
+        if m:
+            key = (int(m.group(1)), m.group(2))
+            hooks.append(mod.register_forward_hook(lambda _m, _i, out, key=key: found.__setitem__(key, out[0])))
+    if len(hooks) != 2 * cfg.num_layers:
+        for h in hooks:
+            h.remove()
+        print("[reproduce] prefix: no k_proj/v_proj per layer in this model family; keeping PEFT's random init")
+        return
+    try:
+        with model.disable_adapter():
+            model.base_model(input_ids=_init_ids(tokenizer, w.shape[0]).to(w.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    parts = [found[(layer, kv)] for layer in range(cfg.num_layers) for kv in "kv"]
+    table = torch_cat(parts)
+    if tuple(table.shape) == tuple(w.shape):
+        w.copy_(table.to(w))
+
+
+def torch_cat(parts: list[Any]) -> Any:
+    import torch
+
+    return torch.cat(parts, dim=-1)
+
+
 def _versions() -> dict[str, str]:
     import torch
     import transformers
@@ -287,7 +373,10 @@ def _versions() -> dict[str, str]:
 def settings_key(preset: Preset, tasks: Sequence[str], model: str, row: Row, steps: int) -> str:
     """A short hash of everything that determines a row's numbers: a resumed run only keeps rows whose key
     matches."""
-    blob = json.dumps({"preset": asdict(preset), "tasks": list(tasks), "model": os.path.basename(model.rstrip("/")),
+    what = asdict(preset)
+    if row.name == "base":  # the base row depends on the test sets and decoding only
+        what = {k: what[k] for k in ("n_test", "seed", "max_new_tokens", "eval_batch_size")}
+    blob = json.dumps({"preset": what, "tasks": list(tasks), "model": os.path.basename(model.rstrip("/")),
                        "row": asdict(row), "steps": steps}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -559,17 +648,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 argv.append("--use_cpu")
             counter = _params_callback()
             _reset_peak()
-            summary = run_train(train_parser().parse_args(argv), callbacks=[counter])
+            cpu0 = time.process_time()
+            summary = run_train(train_parser().parse_args(argv),
+                                callbacks=[counter, _real_word_init_callback(tokenizer)])
             record.update(trainable_params=counter.trainable,
                           trainable_pct=100.0 * counter.trainable / max(1, counter.total),
                           train_seconds=summary["seconds"], tokens=summary["tokens"],
                           tokens_per_s=summary["tokens_per_s"], train_loss=summary["train_loss"],
-                          peak_mem_gib=_peak_gib(device))
+                          peak_mem_gib=_peak_gib(device), train_cpu_seconds=time.process_time() - cpu0)
         from .evaluate import load_model_for_eval
 
         model, tok, dev = load_model_for_eval(model_path, adapter_dir, device=device)
         accs = []
-        t_eval = time.perf_counter()
+        t_eval, cpu_eval = time.perf_counter(), time.process_time()
         for t in tasks:
             recs = tests[t]
             task = task_for(t, [r["answer"] for r in recs])
@@ -583,6 +674,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         del model
         record["acc_avg"] = sum(accs) / len(accs)
         record["eval_seconds"] = time.perf_counter() - t_eval
+        record["eval_cpu_seconds"] = time.process_time() - cpu_eval
+        record["loadavg_1min"] = os.getloadavg()[0]  # the machine's load when the row finished (shared machines)
         record.update(device=device, **versions, date=date)
         results.append(record)
         write_results(results_path, [*results, *[r for r in done if r["row"] not in {x["row"] for x in results}]])

@@ -78,7 +78,7 @@ def test_types_end_to_end_and_resume(setup, monkeypatch, capsys):
     assert cli_main(_argv(data, model, out)) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     names = [r["row"] for r in rows]
-    assert names == ["base", "prefix", "series", "adapterp", "parallel", "lora", "prompt"]
+    assert names == ["base", "prefix", "prompt", "lora", "series", "adapterp", "parallel"]
     for r in rows:
         for t in reproduce.TASKS:
             assert 0.0 <= float(r[f"acc_{t}"]) <= 1.0 and r[f"n_{t}"] == "3"
@@ -112,7 +112,7 @@ def test_types_end_to_end_and_resume(setup, monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "train", counting)
     capsys.readouterr()
     assert cli_main(_argv(data, model, out)) == 0
-    assert [os.path.basename(os.path.dirname(c)) for c in calls] == ["types-lora", "types-prompt"]
+    assert [os.path.basename(os.path.dirname(c)) for c in calls] == ["types-adapterp", "types-parallel"]
     assert "prefix: done already" in capsys.readouterr().out
     again = list(csv.DictReader(open(out / "results.csv")))
     assert [r["row"] for r in again] == names
@@ -170,3 +170,37 @@ def test_mawps_record_and_help():
     assert score(task_for("mawps"), r["output"], "2.0")[1]
     text = reproduce.build_parser().format_help()
     assert "lr" in text and "placement" in text and "min" in text
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_real_word_init(setup, kind):
+    """Prompt/prefix tuning start from the model's own embeddings / keys and values of INIT_TEXT, not N(0, 1)."""
+    import transformers as tf
+
+    import fastadapters as fa
+
+    root, data, model_dir = setup
+    tok = tf.AutoTokenizer.from_pretrained(model_dir)
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cfg = fa.PrefixTuningConfig(num_virtual_tokens=5) if kind == "prefix" else fa.PromptTuningConfig(num_virtual_tokens=5)
+    am = fa.get_adapter_model(base, cfg)
+    cb = reproduce._real_word_init_callback(tok)
+    state = type("S", (), {"global_step": 0})()
+    cb.on_train_begin(None, state, None, model=am)
+    assert cb.kind == kind
+    w = am.prompt_encoder["default"].embedding.weight
+    ids = reproduce._init_ids(tok, 5)[0]
+    if kind == "prompt":
+        torch.testing.assert_close(w, base.get_input_embeddings().weight[ids])
+    else:
+        attn = am.base_model.model.layers[1].self_attn
+        with torch.no_grad(), am.disable_adapter():
+            x = am.base_model.model.embed_tokens(ids[None])
+            h = am.base_model.model.layers[0](x, position_embeddings=am.base_model.model.rotary_emb(
+                x, torch.arange(5)[None]))
+            h = h[0] if isinstance(h, tuple) else h
+            k1 = attn.k_proj(am.base_model.model.layers[1].input_layernorm(h))[0]
+        d = k1.shape[-1]
+        layer1_keys = w[:, 2 * 2 * d // 2: 2 * 2 * d // 2 + d]  # row = [k0, v0, k1, v1]: layer 1's keys start at 2d
+        torch.testing.assert_close(layer1_keys, k1, atol=1e-5, rtol=1e-4)
+    assert w.pow(2).mean().sqrt() < 0.5  # not PEFT's N(0, 1)
