@@ -45,7 +45,44 @@ index, so B * H has no 65535 limit (grid y/z have one).
             torch.use_deterministic_algorithms(True) (transformers' `full_determinism`), which the launcher
             honours; the fast path stays the default, as in PyTorch.
 
-NAPKIN_PLACEHOLDER
+Napkin math (B=8, H=32, L=2048, D=128, P=30, bf16, causal; H200: 990 TFLOP/s dense bf16 datasheet, 4.8 TB/s)
+  forward FLOPs   4 B H D (L (L+1) / 2 + L P) = 2.75e11 (causal part) + 8.1e9 (prefix: +2.9 %) = 2.83e11.
+  forward bytes   q, k, v, o: 4 * 2 B H L D = 537 MB -> 0.11 ms at 4.8 TB/s: compute-bound (intensity ~530).
+                  The prefix is Hkv * P * D * 2 * 2 = 0.5 MB, read by every program from L2.
+  floor           FLOPs at 0.75 x 990 TFLOP/s (the attainable matmul rate benchmarks/static.py assumes):
+                  fwd 0.38 ms, bwd (2.5x: 5 GEMMs per tile) 0.95 ms, fwd+bwd 1.33 ms.
+  backward        5 GEMM-sized products per (key block, query block) tile: S^T, dP^T, dV, dK, dQ (7 in the
+                  deterministic mode: the dq kernel recomputes S and dP). Extra traffic of the atomic dQ: every
+                  key block of 64 adds a (query rows x D) fp32 share, ~16.5 passes per head over its 1 MiB dQ
+                  (causal) = 4.3 GB of fp32 reductions in L2 (2.2 GB with FA2's 128-key tiles, which spill here),
+                  plus the dQ accumulator's zeroing and cast (0.8 GB of HBM). The prefix adds its own 2.9 % plus a
+                  B x Hkv x P x D fp32 partial per grad (2 x 3.9 MB written + read: ~3 us).
+  D = 80/96       padded to 128: 60 % / 33 % extra tensor-core work on the padding (not split yet).
+  decode          Lq = 1, Lk = 2048, MHA: K and V are 2 B H Lk D * 2 = 268 MB -> 56 us floor. With B = 1 only
+                  32 programs would run on 132 SMs without the split; the split targets ~2 programs per SM.
+
+Compiled code (Triton 3.6, ptxas from the wheel; tests/test_sm90_prefix_attention.py holds the gates). sm_90, quick
+preset: fwd 128x64 tiles, 8 warps, 3 stages: wgmma m64n64k16 (QK^T) + m64n128k16 (PV), 238 registers, no spill,
+128 KiB shared, cp.async.wait_group 2 (loads 2 tiles ahead), every wgmma.wait_group 0. dK/dV (+ atomic dQ) 64x64
+tiles, 8 warps: wgmma m64n32k16 (S^T, dP^T) + m64n64k16 (dV, dK, dQ), 240 registers, no spill, 129 KiB shared,
+no C7515 (the 16x64 tiles before: m64n8k16 and C7515). wgmma.wait_group > 0 is not reachable from tl code in
+Triton 3.6 (and 3.9): its Hopper pipeliner (WGMMAPipeline.cpp, dotCanBeProperlyAsync) leaves a wgmma in flight only
+when its result feeds nothing in the loop but the next iteration's accumulator; the softmax reads S in the same
+loop, which forces a wait 0, and any wait 0 in a loop suppresses the deeper waits. Tried and compiled: the
+tutorial's acc = dot(p, v, acc), a hand-pipelined loop issuing S(j+1) before PV(j), two 64-row halves per program,
+tl.range(warp_specialize=True): all wait_group 0. The overlap this kernel gets is between its two warpgroups and
+between the PV wgmma and the next tile's loads; FA3-style intra-warpgroup overlap needs Gluon (explicit
+warpgroup_mma_wait(1)): not done.
+
+PREDICTED (not measured; no GPU run yet) on an H200 at the quick preset: forward 0.55-0.70 ms = 1.5-1.8x the floor
+(Triton-class FA2 forward efficiency, 400-500 TFLOP/s, with wait_group 0); backward (atomic dQ, default)
+1.6-2.4 ms = 1.7-2.5x (5 products on m64n32 / m64n64 tiles at ~45 % of the matmul ceiling, the 4.3 GB of dQ
+reductions partly overlapped), deterministic mode 2.0-2.8 ms; fwd+bwd 2.2-3.1 ms = 1.6-2.3x the floor. The
+audit's prediction for the old backward (16x64 tiles, serialized wgmma, 7 products) was 3-5 ms.
+
+Precision: fp32 accumulation and softmax; P and dS are rounded to the input dtype as tl.dot operands (as flash
+attention does); dQ is accumulated in fp32 and rounded once. fp32 inputs use input_precision "ieee" unless torch
+allows TF32 matmuls.
 """
 
 from __future__ import annotations
@@ -484,8 +521,8 @@ def _prefix_attn_bwd_kv_kernel(
     b_dk, b_dv = _bwd_kv_inner_kernel(b_dk, b_dv, b_k, b_v, m_col,
                                       p_q + i_b * s_qb + i_hk * GROUP * s_qh, p_do + i_b * s_dob + i_hk * GROUP * s_doh,
                                       p_lse + i_bhq * Lq, p_delta + i_bhq * Lq, p_dqa + i_bhq * Lq * D,
-                                      s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, tl.where(is_prefix, 1 << 30, offset), o_d,
-                                      qk_scale, sm_scale,
+                                      s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, tl.where(is_prefix, 1 << 30, offset),
+                                      o_d, qk_scale, sm_scale,
                                       GROUP, D, D_PAD, BLOCK_M, CAUSAL, HAS_KPM, ATOMIC_DQ, DOT_PREC)
     b_dk = b_dk * sm_scale
     if is_prefix:

@@ -8,11 +8,14 @@ Every config these functions return is compiled for sm_80, sm_86, sm_89 and sm_9
 tests/test_sm90_prefix_attention.py (no spills, shared memory within the arch's limit, no ptxas C7515): the
 per-arch rows below are the tiles that pass there. Why these tiles:
   * fwd: 128 query rows x 64 keys, 8 warps (two warpgroups, wgmma m64n64 for QK^T and m64n128 for PV at D=128),
-    3 load stages on sm_90 (131 KB shared); sm_80 / sm_86 / sm_89 hold fewer registers per mma.sync tile, so
-    they take 2 stages (sm_86/89: 99 KB) or 64-key tiles that fit without spills.
-  * kv (backward, FlashAttention-2's shape): 128 (sm_90) or 64 key rows held, 64 query rows streamed, 8 warps:
-    the S^T / dP^T products are m64n64 (N = the query tile), dV/dK m64n128 (N = D), dQ m64n128.
-  * dq (deterministic mode only): 128 query rows held, 32-64 keys streamed.
+    3 load stages on sm_90 (128 KiB shared). On sm_80 / sm_86 / sm_89 (mma.sync) 128 x 64 spills 20-92 bytes
+    whatever the stages or warps (ptxas, Triton 3.6), so they take 64 x 64 with 8 warps (184 registers), 3 stages
+    on sm_80 and 2 within sm_86/89's 99 KiB.
+  * kv (backward, FlashAttention-2's shape): 64 key rows held, 64 query rows streamed, 8 warps: S^T / dP^T are
+    m64n32 per warpgroup (N = half the query tile), dV / dK / dQ m64n64 (N = half of D = 128). 128 key rows
+    (FA2's tile) spill 20-80 bytes at D = 128 (dK and dV alone are 128 fp32 registers per thread), and 32 query
+    rows make the dQ product fall off wgmma (mma.sync, ptxas C7515).
+  * dq (deterministic mode only): 128 query rows held, 64 keys streamed on sm_90; 64 x 64 on sm_8x.
 fp32 (a test dtype: exact "ieee" dots lower to FMAs holding both operands in registers) gets small tiles.
 """
 
@@ -44,7 +47,7 @@ class AttnConfig:
 
     @classmethod
     def from_table(cls, entry: dict | None) -> AttnConfig | None:
-        """An AttnConfig from a tuned-table entry ({"block_m": .., "block_n": .., "num_warps": .., "num_stages": ..})."""
+        """An AttnConfig from a tuned-table entry {"block_m", "block_n", "num_warps", "num_stages"}, or None."""
         if entry is None:
             return None
         return cls(**{f.name: int(entry[f.name]) for f in fields(cls)})
@@ -75,13 +78,13 @@ _HALF: dict[str, dict[int, tuple[AttnConfig, AttnConfig, AttnConfig, int]]] = {
         256: (C(64, 64, 8, 2), C(64, 64, 8, 1), C(64, 32, 8, 2), 32),
     },
     "sm_80": {
-        64: (C(128, 64, 8, 3), C(64, 64, 8, 2), C(128, 64, 8, 2), 64),
-        128: (C(128, 64, 8, 2), C(64, 64, 8, 2), C(128, 32, 8, 2), 64),
+        64: (C(64, 64, 8, 3), C(64, 64, 8, 2), C(64, 64, 8, 2), 64),
+        128: (C(64, 64, 8, 3), C(64, 64, 8, 2), C(64, 64, 8, 2), 64),
         256: (C(64, 64, 8, 2), C(64, 64, 8, 1), C(64, 32, 8, 2), 32),
     },
     "sm_86": {  # 99 KiB shared (A10, RTX 3090; sm_89: L4, L40S, RTX 4090 use the same rows)
-        64: (C(128, 64, 8, 2), C(64, 64, 8, 2), C(128, 32, 8, 2), 64),
-        128: (C(128, 64, 8, 2), C(64, 64, 8, 2), C(128, 32, 8, 2), 64),
+        64: (C(64, 64, 8, 2), C(64, 64, 8, 2), C(64, 64, 8, 2), 64),
+        128: (C(64, 64, 8, 2), C(64, 64, 8, 2), C(64, 64, 8, 2), 64),
         256: (C(64, 32, 8, 2), C(64, 64, 8, 1), C(64, 32, 8, 1), 32),
     },
 }

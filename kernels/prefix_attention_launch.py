@@ -58,7 +58,7 @@ __all__ = [
 
 OP = "prefix_attention"
 # Launch roles whose main loop is GEMM-sized with N a model dimension (D) in its PV / dV / dK / dQ products.
-MAIN_LOOP_ROLES = ("fwd", "bwd_kv", "bwd_kv_det", "bwd_dq")
+MAIN_LOOP_ROLES = ("fwd", "bwd_dkdv", "bwd_dkdv_det", "bwd_dq")
 DETERMINISTIC_ENV = "FASTADAPTERS_PREFIX_DETERMINISTIC"
 
 _recorder = LaunchRecorder()
@@ -300,7 +300,7 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, ca
         kernel = _prefix_attn_bwd_kv_kernel
         args = (q, k, v, pk, pv, kpm_arg, dout, lse, delta, dk, dv, dpk_part, dpv_part, dq_acc, *strides,
                 B * Hkv, Hkv, Lq, Lk, P, n_pb, scale, qk_scale)
-        _launch("bwd_kv" if atomic else "bwd_kv_det", kernel, (n_blocks * B * Hkv,),
+        _launch("bwd_dkdv" if atomic else "bwd_dkdv_det", kernel, (n_blocks * B * Hkv,),
                 _kw(kernel, args, BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, ATOMIC_DQ=atomic, **flags),
                 c1.num_warps, c1.num_stages)
     if atomic:
@@ -358,9 +358,9 @@ def _compile_key(launch: Launch) -> tuple:
 
 
 def _record(arch: str, dtype: torch.dtype, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, P: int,
-            causal: bool = True, kpm: bool = False, modes: tuple[bool, ...] = (False, True)) -> list[tuple[str, Launch]]:
-    """(label, launch) of a forward and a backward per mode (False: atomic dQ, True: deterministic) at one shape,
-    recorded on meta tensors as a GPU of `arch` would launch them."""
+            causal: bool = True, kpm: bool = False, odd: bool = False) -> list[tuple[str, Launch]]:
+    """(label, launch) of one call (forward + backward) per backward mode at one shape, recorded on meta tensors as
+    a GPU of `arch` would launch them. The deterministic mode's call carries "-det" in its shape."""
     meta = torch.device("meta")
     q = torch.empty((B, Hq, Lq, D), device=meta, dtype=dtype)
     k = torch.empty((B, Hkv, Lk, D), device=meta, dtype=dtype)
@@ -368,18 +368,29 @@ def _record(arch: str, dtype: torch.dtype, B: int, Hq: int, Hkv: int, Lq: int, L
     pk = torch.empty((Hkv, P, D), device=meta, dtype=dtype)
     pv = torch.empty((Hkv, P, D), device=meta, dtype=dtype)
     mask = torch.empty((B, Lk), device=meta, dtype=torch.bool) if kpm else None
-    tag = (f"B{B}-Hq{Hq}-Hkv{Hkv}-Lq{Lq}-Lk{Lk}-D{D}-P{P}" + ("" if causal else "-noncausal")
-           + ("-kpm" if kpm else ""))
+    if odd or Hq != Hkv or Lq != Lk:
+        shape = f"B{B}-Hq{Hq}-Hkv{Hkv}-Lq{Lq}-Lk{Lk}-D{D}-P{P}"
+    else:
+        shape = f"B{B}-H{Hq}-L{Lq}-D{D}-P{P}"
+    shape = ("odd-" if odd else "") + shape + ("" if causal else "-noncausal") + ("-kpm" if kpm else "")
+    shape += f"-{_TY[dtype]}"
     scale = D**-0.5
-    with use_target(arch), record_launches() as rec:
-        start = len(_roles)
-        out, lse = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale)
-        if Lq > DECODE_MAX_LQ:
-            for det in modes:
+    out_labels: list[tuple[str, Launch]] = []
+    for det in (False, True) if Lq > DECODE_MAX_LQ else (False,):
+        with use_target(arch), record_launches() as rec:
+            start = len(_roles)
+            out, lse = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale)
+            if Lq > DECODE_MAX_LQ:
                 prefix_attention_bwd(out, None, q, k, v, pk, pv, mask, out, lse, causal, scale, deterministic=det)
-        roles = list(_roles[start:])
-        del _roles[start:]
-    return [(f"prefix/{role}/{_TY[dtype]}/{tag}", launch) for role, launch in zip(roles, rec, strict=True)]
+            roles = list(_roles[start:])
+            del _roles[start:]
+        tag = shape + ("-det" if det else "")
+        for role, launch in zip(roles, rec, strict=True):
+            cfg = f"BM{launch.kwargs['BLOCK_M']}-BN{launch.kwargs['BLOCK_N']}" if "BLOCK_N" in launch.kwargs else ""
+            details = f":{cfg}-w{launch.num_warps}-s{launch.num_stages}".replace(":-", ":")
+            main = "#main" if role in MAIN_LOOP_ROLES else ""
+            out_labels.append((f"prefix/{role}{main}@{tag}{details}", launch))
+    return out_labels
 
 
 def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
@@ -387,9 +398,12 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     the real launchers on meta tensors under `use_target(arch)` (so exactly the configs that GPU would pick), one
     launch per distinct compile (the first label that needs it).
 
-    Labels: "prefix/<role>/<dtype>/B..-Hq..-Hkv..-Lq..-Lk..-D..-P..[-noncausal][-kpm]"; roles fwd, decode,
-    decode_combine, bwd_preprocess, bwd_kv (atomic dQ, the default), bwd_kv_det and bwd_dq (deterministic mode);
-    MAIN_LOOP_ROLES are the GEMM-sized main loops. Default: bf16 at the benchmark shapes (the quick preset
+    Labels follow benchmarks/static.py's convention "prefix/<loop>[#main]@<shape>:<config>": shapes
+    "B8-H32-L2048-D128-P30-bf16" (the bench presets) and "odd-B2-Hq12-Hkv4-Lq1000-Lk1000-D80-P7-kpm-bf16"; the
+    deterministic backward's call has "-det" appended to its shape. Loops: fwd, decode, decode_combine,
+    bwd_preprocess, bwd_dkdv (dK/dV with atomic dQ, the default), bwd_dkdv_det and bwd_dq (deterministic mode);
+    "#main" marks MAIN_LOOP_ROLES (GEMM-sized, N a model dimension).
+    Default: bf16 at the benchmark shapes (the quick preset
     B8 H32 L2048 D128 P30 and the full preset's L8192) and the odd shapes (GQA, head_dim 80 and 64, padding mask,
     decode with Lq 1 and 16, ragged lengths). full: fp16 and fp32 too, head_dims 16..256, non-causal.
     """
@@ -402,7 +416,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
             runs.append(_record(arch, dt, B, H, H, L, L, D, P))
         for shape in ODD_SHAPES + (FULL_ODD_SHAPES if full else ()):
             B, Hq, Hkv, Lq, Lk, D, P, causal, kpm = shape
-            runs.append(_record(arch, dt, B, Hq, Hkv, Lq, Lk, D, P, causal, kpm))
+            runs.append(_record(arch, dt, B, Hq, Hkv, Lq, Lk, D, P, causal, kpm, odd=True))
     seen: set[tuple] = set()
     out: list[tuple[str, Launch]] = []
     for run in runs:
@@ -421,4 +435,4 @@ def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
 
 def is_main_loop(label: str) -> bool:
     """Whether a dispatch_space label is a GEMM-sized main loop with N a model dimension (the wgmma N gate)."""
-    return label.split("/")[1] in MAIN_LOOP_ROLES
+    return "#main@" in label

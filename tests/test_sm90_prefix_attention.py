@@ -1,21 +1,23 @@
-"""sm_90 (H100/H200) ahead-of-time compiles of every prefix_attention kernel at every tile config its launchers can
-dispatch to (kernels/prefix_attention.py: sm90_dispatch_space): no compile error, no register spill, shared memory
-within 227 KiB. No GPU needed (tests/sm90.py).
+"""Ahead-of-time compiles of the prefix-attention kernels for every GPU architecture people own (tests/sm90.py), at
+exactly the launches the launchers dispatch (kernels/prefix_attention_launch.py: dispatch_space, recorded on meta
+tensors under use_target(arch)). No GPU needed.
 
-The specs mark pointers and strides as divisible by 16 ("*bf16:16"), Triton's launch-time specialisation for
-head_dim a multiple of 16: without it Triton emits neither vector loads nor cp.async pipelines, and registers and
-shared memory differ from what runs on the GPU.
+Gates, per compile: no compile error, no register spill, shared memory within the arch's limit (sm_80 163 KiB,
+sm_86/89 99 KiB, sm_90 227 KiB), no ptxas C7515 ("wgmma.mma_async instructions are serialized"); on sm_90 every
+"#main" launch (forward, dK/dV, dQ) has wgmma in its loops with N >= 64 in its D-wide products, and its dK/dV
+kernel holds 64+ key rows; on sm_8x its loops use mma.sync.
 
-The default compiles (always run, 22 kernels) hold every fp16/bf16 tile config with the heaviest flags;
-FASTADAPTERS_SM90_FULL=1 also compiles fp16, more head dims, the fp32 tiles and the variants that only remove code
-(non-causal, no mask, MHA): ~20x longer. fp32 is a test dtype: its exact dots lower to FMAs, compile slowly, and
-ptxas spills a few registers in some variants whatever the tile, so for fp32 only compile errors and shared memory
-fail the test.
+Default (always run): sm_90's whole default space (bf16: the bench presets B8 H32 L2048/8192 D128 P30, both
+backward modes, and the odd shapes: GQA, head_dim 80 and 64, padding mask, decode) and the four main loops of the
+quick preset on sm_86 (99 KiB: the tightest shared memory). FASTADAPTERS_SM90_FULL=1 adds sm_80, sm_86 and sm_89's
+whole default space and every arch's full space (fp16, fp32, head_dims 16..256, non-causal): ~30x longer.
+fp32 is a test dtype (exact dots lower to FMAs): for it only compile errors and shared memory fail.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -25,72 +27,72 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from sm90 import Sm90Report, compile_sm90_many  # noqa: E402
+from sm90 import compile_many, spec_from_launch  # noqa: E402
 
 from fastadapters.kernels import prefix_attention as K  # noqa: E402
 
-WORKERS = 2
+FULL = os.environ.get("FASTADAPTERS_SM90_FULL", "") not in ("", "0")
+QUICK = "B8-H32-L2048-D128-P30-bf16"
 
 
-def compile_all(specs: list[dict]) -> list[Sm90Report]:
-    """compile_sm90_many with WORKERS subprocesses side by side."""
-    return compile_sm90_many(specs, workers=WORKERS)
-
-
-def _problems(r: Sm90Report) -> list[str]:
-    """What fails a compile: any problem for fp16/bf16; for fp32 (a test dtype whose exact dots lower to FMAs, where
-    ptxas spills a few registers whatever the tile) only compile errors and shared memory: spills there are slow,
-    not wrong."""
+def _problems(r) -> list[str]:
     problems = r.problems()
-    if "-fp32-" in r.label:
+    fp32 = "-fp32" in r.label
+    if fp32:
         problems = [p for p in problems if "spill" not in p]
+    if r.error is None and r.serialized:
+        problems.append("ptxas C7515: wgmma serialized")
+    if r.error is None and K.is_main_loop(r.label) and not fp32:
+        if r.arch == "sm_90":
+            n = r.wgmma_n
+            if not n:
+                problems.append(f"no wgmma in the main loop ({r.mma_summary})")
+            elif max(n) < 64:
+                problems.append(f"wgmma N {n}: none >= 64")
+        elif not any(m.startswith("mma.sync") for m in r.mma_loop):
+            problems.append(f"no mma.sync in the main loop ({r.mma_summary})")
     return problems
 
 
-def _kernel_name(fn) -> str:
-    return getattr(fn, "fn", fn).__name__
+def _compile(space: list, arch: str) -> list:
+    specs = [spec_from_launch(launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, label)
+             for label, launch in space]
+    return compile_many(specs, arch, workers=2)
 
 
-def test_dispatch_space_covers_every_config():
-    """The AOT space holds every tile config the launchers' tables can return, for each kernel and dtype; the
-    default (always-run) part holds every fp16/bf16 one."""
-    space = K.sm90_dispatch_space(full=True)
-    compiled = {(_kernel_name(s["fn"]), s["signature"].get("p_q", "").split(":")[0], s["constexprs"].get("BLOCK_M"),
-                 s["constexprs"].get("BLOCK_N"), s["num_warps"], s["num_stages"]) for s in space}
-    for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float16, "*fp16"), (torch.float32, "*fp32")):
-        for d_pad in (16, 32, 64, 128, 256):
-            cfgs = [("_prefix_attn_fwd_kernel", K.fwd_config(d_pad, dtype)),
-                    ("_prefix_attn_bwd_dkdv_kernel", K.bwd_dkdv_config(d_pad, dtype)),
-                    ("_prefix_attn_bwd_dq_kernel", K.bwd_dq_config(d_pad, dtype))]
-            cfgs += [("_prefix_attn_decode_kernel", K.decode_config(d_pad, dtype, rows)) for rows in range(1, 257)]
-            for name, c in cfgs:
-                key = (name, ty, c.block_m, c.block_n, c.num_warps, c.num_stages)
-                assert key in compiled, f"{name} {c} ({ty}, D_PAD={d_pad}) is missing from sm90_dispatch_space"
-    default = K.sm90_dispatch_space(full=False)
-    kinds = {s["label"].split("-")[0] for s in default}
-    assert kinds == {"fwd", "dkdv", "dq", "decode", "preprocess", "combine"}, kinds
-    rows = {(_kernel_name(s["fn"]), s["constexprs"].get("BLOCK_M"), s["constexprs"].get("BLOCK_N"), s["num_warps"],
-             s["num_stages"]) for s in default if s["signature"].get("p_q", "").startswith("*bf16")}
-    for d_pad in (64, 128, 256):
-        cfgs = [("_prefix_attn_fwd_kernel", K.fwd_config(d_pad, torch.bfloat16)),
-                ("_prefix_attn_bwd_dkdv_kernel", K.bwd_dkdv_config(d_pad, torch.bfloat16)),
-                ("_prefix_attn_bwd_dq_kernel", K.bwd_dq_config(d_pad, torch.bfloat16))]
-        cfgs += [("_prefix_attn_decode_kernel", K.decode_config(d_pad, torch.bfloat16, r)) for r in (1, 17, 33)]
-        for name, c in cfgs:
-            assert (name, c.block_m, c.block_n, c.num_warps, c.num_stages) in rows, (name, d_pad, c)
-    assert all(":16" in s["signature"]["p_q"] and s["signature"]["p_kpm"] == "*u8" for s in space if "p_kpm" in
-               s["signature"])
+def _check(reports: list) -> None:
+    bad = [f"{r.label} [{r.arch}]: {'; '.join(_problems(r))}" for r in reports if _problems(r)]
+    assert not bad, f"{len(bad)} of {len(reports)} compiles fail:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["default", "full"])
-def test_prefix_attention_kernels_compile_for_sm90(full):
-    if full and os.environ.get("FASTADAPTERS_SM90_FULL", "") in ("", "0"):
-        pytest.skip("set FASTADAPTERS_SM90_FULL=1 to compile fp16, fp32 and the flag variants too (~20x longer)")
-    specs = K.sm90_dispatch_space(full=full)
-    if full:
-        default = {s["label"] for s in K.sm90_dispatch_space(False)}
-        specs = [s for s in specs if s["label"] not in default]
-    reports = compile_all(specs)
-    assert [r.label for r in reports] == [s["label"] for s in specs]
-    problems = [f"{r.label}: {'; '.join(_problems(r))}" for r in reports if _problems(r)]
-    assert not problems, f"{len(problems)} of {len(reports)} sm_90 compiles fail:\n" + "\n".join(problems)
+def test_dispatch_space_labels_and_tiles():
+    """Labels follow benchmarks/static.py's convention; the space holds every kernel role at the quick preset; the
+    dK/dV tiles hold 64+ key rows and 64+ query rows on every arch (FlashAttention-2's shape, wgmma-sized)."""
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
+        space = K.dispatch_space(arch)
+        pattern = re.compile(r"^prefix/[a-z_]+(#main)?@[\w.-]+(:[\w-]*)?$")
+        assert all(pattern.match(label) for label, _ in space), [lb for lb, _ in space if not pattern.match(lb)]
+        roles = {label.split("/")[1].split("@")[0].replace("#main", "") for label, _ in space}
+        assert roles == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dkdv_det", "bwd_dq", "decode", "decode_combine"}
+        for label, launch in K.dispatch_space(arch, full=True):
+            assert len(launch.grid) == 1, label
+            if "bwd_dkdv" in label and "-fp32" not in label:
+                assert launch.kwargs["BLOCK_N"] >= 64 and launch.kwargs["BLOCK_M"] >= 32, label
+
+
+def test_prefix_attention_compiles_for_sm90():
+    _check(_compile(K.dispatch_space("sm_90"), "sm_90"))
+
+
+def test_prefix_attention_main_loops_compile_for_sm86():
+    space = [(lb, la) for lb, la in K.dispatch_space("sm_86") if K.is_main_loop(lb) and QUICK in lb]
+    assert len(space) == 4
+    _check(_compile(space, "sm_86"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
+def test_prefix_attention_full_space_compiles(arch):
+    if not FULL:
+        pytest.skip("set FASTADAPTERS_SM90_FULL=1 to compile every arch's default and full spaces (~30x longer)")
+    _check(_compile(K.dispatch_space(arch, full=True), arch))
