@@ -107,7 +107,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED  # noqa: F401  (importing _common applies the interpreter's bf16 fix)
+from ._common import INTERPRETED  # noqa: F401  (the flag fastadapters.ops reads from this module)
 from ._common import dropout_keep as _dropout_keep
 
 MAX_BOTTLENECK = 1024

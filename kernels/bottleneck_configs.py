@@ -14,7 +14,7 @@ registers, so BLOCK_M * B <= 16K at 8 warps for every variant (activation, dropo
                            (sm_90 compiles, 8 warps): 255 registers and no spill only for silu without biases or
                            dropout; tanh 56-64 bytes of stack, gelu_tanh with biases 520, with dropout 192-680;
                            two b halves (separate accumulators) 8-40; 16 warps 40-96: not shipped
-  ampere (sm_80, 163 KiB)  the same tiles, 64-row blocks from B = 128 (mma.sync holds the same tiles)
+  ampere (sm_80, 163 KiB)  the same tiles, 64-row blocks from B = 128; dx from B = 256 the small family's tiles
   small (sm_86 / sm_89, 99 KiB)  K step 32, N step 64, 2 stages (B = 256: 72 KiB), 64-row blocks from B = 128
 Large b (B >= 512) runs the chunked mode (block_j < B). fp32 dot operands (an fp32 model) and unaligned shapes
 (sizes / row strides not multiples of 16: no vector loads, no cp.async) keep small tiles: correct, not tuned.
@@ -71,7 +71,8 @@ _HOPPER_DX = {16: _R(128, 64, 64, 8, 3), 32: _R(128, 64, 64, 8, 3), 64: _R(128, 
               128: _R(64, 64, 128, 8, 3), 256: _R(64, 64, 128, 8, 2),
               512: _R(64, 64, 128, 8, 3, 128), 1024: _R(64, 64, 128, 8, 3, 128)}
 _AMPERE_FWD = {**_HOPPER_FWD, 128: _R(64, 64, 128, 8, 3)}
-_AMPERE_DX = _HOPPER_DX
+# sm_80 compiles with dropout, biases and a learned scale: 64x64x128 spilled 32 bytes at B = 256 and chunked (J128)
+_AMPERE_DX = {**_HOPPER_DX, 256: _R(64, 32, 64, 8, 2), 512: _R(64, 32, 64, 8, 2, 64), 1024: _R(64, 32, 64, 8, 2, 64)}
 _SMALL_FWD = {16: _R(128, 32, 64, 8, 2), 32: _R(128, 32, 64, 8, 2), 64: _R(128, 32, 64, 8, 2),
               128: _R(64, 32, 64, 8, 2), 256: _R(64, 32, 64, 8, 2),
               512: _R(64, 32, 64, 8, 2, 64), 1024: _R(64, 32, 64, 8, 2, 64)}

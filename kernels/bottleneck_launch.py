@@ -4,7 +4,8 @@ grids, and the labelled dispatch space the compile tests and the static report c
 Every launcher runs on its inputs' device (a torch.cuda.device guard: Triton launches on the current device) and end
 to end on "meta" tensors (no .item(), no host sync, no timing), so the launch recorder lists what a GPU of any arch
 would run (`dispatch_space`, under kernels._configs.use_target) and a CUDA graph can capture a step. Configs:
-`tuned(...)` (the offline tuner's table) or kernels/bottleneck_configs.py. Design and napkin math: kernels/bottleneck.py.
+`tuned(...)` (the offline tuner's table) or kernels/bottleneck_configs.py. Design, napkin math:
+kernels/bottleneck.py.
 
 Weights on the layer's real path (a bf16/fp16 model with fp32 adapter weights): the launcher casts the two weight
 matrices to the activation dtype once per call (one pass over 2 d b elements: 12.6 MB read + written at d = 4096,
@@ -45,8 +46,9 @@ from .bottleneck_configs import (
 
 __all__ = [
     "ACTIVATIONS", "INTERPRETER_ROW", "INTERPRETER_WGRAD", "MAX_BOTTLENECK", "PADDED_BOTTLENECKS", "RowConfig",
-    "WgradConfig", "bottleneck_bwd", "bottleneck_dropout_mask", "bottleneck_fwd", "bottleneck_pad", "dispatch_space",
-    "compile_key", "distinct_compiles", "dot_dtype", "is_main_loop", "record_launches", "sm90_dispatch_space", "use_configs",
+    "WgradConfig", "bottleneck_bwd", "bottleneck_dropout_mask", "bottleneck_fwd", "bottleneck_pad", "compile_key",
+    "dispatch_space", "distinct_compiles", "dot_dtype", "is_main_loop", "record_launches", "sm90_dispatch_space",
+    "use_configs",
 ]
 
 # The launches whose main loops are GEMM-sized: the forward's phase 2 (N = d_out) and the dx kernel's phase 2

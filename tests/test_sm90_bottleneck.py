@@ -8,8 +8,9 @@ that GPU would run.
 
 Default run (one compile per distinct binary, 37 in all): the whole default space for sm_90 (the benchmark shapes'
 call, the same tiles with dropout, biases and a learned scale, b = 1024, odd shapes, the dropout mask) and for
-sm_80, sm_86 and sm_89 the benchmark shapes' call and its every-feature twin (b = 256, aligned). FASTADAPTERS_SM90_FULL=1 adds the full space on
-every arch (fp16 and fp32 models, every padded bottleneck 16..1024, aligned and unaligned).
+sm_80, sm_86 and sm_89 the benchmark shapes' call and its every-feature twin (b = 256, aligned).
+FASTADAPTERS_SM90_FULL=1 adds the full space on every arch (fp16 and fp32 models, every padded bottleneck
+16..1024, aligned and unaligned).
 """
 
 from __future__ import annotations

@@ -7,16 +7,18 @@ carrying its autograd formula (register_autograd: one wiring for every op, as pr
                                  dropout_p, add_dy, need_*) -> (dh, dW_d, dW_u, db_d, db_u, dscale)
 
 The ops are opaque to torch.compile (their fake implementations give the shapes), so a bottleneck layer compiles
-with fullgraph=True. Both launch on their inputs' GPU (a torch.cuda.device guard in the launchers). Adapter weights
-in fp32 on a bf16/fp16 model (the layer's real path) are cast to the activation dtype inside the launchers, once
-per call, so every GEMM runs on tensor cores; their gradients come back in fp32 (kernels/bottleneck_launch.py). The dropout mask is drawn inside the kernels from a Philox seed: when no seed is given the
+with fullgraph=True. Both launch on their inputs' GPU (a torch.cuda.device guard in the launchers). Adapter
+weights in fp32 on a bf16/fp16 model (the layer's real path) are cast to the activation dtype inside the launchers,
+once per call, so every GEMM runs on tensor cores; their gradients come back in fp32 (kernels/bottleneck_launch.py
+says why there and not in the layer or the kernel). The dropout mask is drawn inside the kernels from a Philox
+seed: when no seed is given the
 forward op draws one from torch's CPU generator at run time (so a compiled graph still gets a fresh mask every
 call) and returns it, and the backward op regenerates the same mask from it (the LoRA op's convention).
 Saved for backward: h (a view of the input), pre = D(h) W_d^T + b_d (M x b, fp32), a = act(pre) (M x b, in the
 dot dtype) and the seed; nothing when no input needs a gradient. A residual that is h itself (the series adapter
 called as bottleneck_adapter(h, ..., residual=h)) runs as residual=None, so dy is added to dh inside the kernel.
 
-Importing this module does not import triton: the kernels (fastadapters.kernels.bottleneck) load at the first
+Importing this module does not import triton: the kernels (fastadapters.kernels.bottleneck_launch) load at the first
 call, so TRITON_INTERPRET can still be set before that (tests on CPU). The kernels run CUDA tensors, and CPU
 tensors only under the interpreter when the backend is asked for explicitly ("triton"; "auto" keeps the reference
 on CPU).
@@ -78,7 +80,8 @@ def bottleneck_bwd_op(dy: torch.Tensor, h: torch.Tensor, down_weight: torch.Tens
                       need_dscale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                   torch.Tensor, torch.Tensor]:
     """(dh (M, d_in), d_down (b, d_in), d_up (d_out, b), d_down_bias (b,), d_up_bias (d_out,), d_scale (scale's
-    shape)); an empty (0,) tensor for each not asked for."""
+    shape)); an empty (0,) tensor for each not asked for. `seed` is the forward's CPU int64 scalar: reading it is
+    no device sync."""
     grads = _kernels().bottleneck_bwd(
         dy, h, down_weight, up_weight, up_bias, pre, a, scale, scaling, activation, dropout_p, int(seed.item()),
         add_dy=add_dy, need_dh=need_dh, need_ddown=need_ddown, need_dup=need_dup, need_ddown_bias=need_ddown_bias,
