@@ -130,13 +130,13 @@ def _multi_lora_expand_kernel(
     b_scale = tl.load(p_s + i_a)
     p_b_ad = p_b + i_a.to(tl.int64) * s_bn
     b_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, BLOCK_R):
+    for r0 in range(0, R_PAD, BLOCK_R):  # loops, not unrolled: registers do not grow with R or SPLIT_K
         o_r = r0 + tl.arange(0, BLOCK_R)
         m_r = o_r < R
         m_h = m_row[:, None] & m_r[None, :]
         p_h_blk = p_h + o_tok[:, None] * s_hm + o_r[None, :] * s_hr
         b_h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for i_s in tl.static_range(SPLIT_K):
+        for i_s in range(SPLIT_K):  # the slabs in a fixed order: deterministic
             b_h += tl.load(p_h_blk + i_s * s_hs, mask=m_h, other=0.0)
         b_b = tl.load(p_b_ad + o_r[:, None] * s_br + o_n[None, :] * s_bN, mask=m_r[:, None] & m_n[None, :],
                       other=0.0)
