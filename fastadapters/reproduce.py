@@ -20,9 +20,7 @@ predictions). The CSV carries the machine, versions, date and commit of each row
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import platform
@@ -33,6 +31,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from .reproduce_init import INIT_TEXT, _init_ids, _real_word_init_callback  # noqa: F401 - re-exported
+from .reproduce_report import (  # noqa: F401 - re-exported
+    chance_accuracy,
+    format_markdown,
+    plot_results,
+    read_results,
+    write_results,
+)
 
 TASKS = ("ARC-Easy", "boolq", "openbookqa", "mawps")
 STUDIES = ("types", "placement", "hparams")
@@ -72,9 +79,10 @@ class Preset:
 
 
 PRESET_SETTINGS: dict[str, Preset] = {
-    # 2 CPU cores: 4 x 32 training records, 16 steps of 8 (one epoch), 4 x 25 test records.
-    "cpu": Preset("cpu", n_train=32, n_test=25, max_steps=16, micro_batch_size=8, batch_size=8, cutoff_len=256,
-                  eval_batch_size=25, max_new_tokens={"commonsense": 10, "math": 32}, warmup_steps=2),
+    # 2 shared CPU cores: 4 x 8 training records, 8 steps of 4 (one epoch), 4 x 25 test records. Sized on
+    # 2026-12-05 for a machine at load 11-17 (this process got ~20% of a core); see --help for what it costs.
+    "cpu": Preset("cpu", n_train=8, n_test=25, max_steps=8, micro_batch_size=4, batch_size=4, cutoff_len=256,
+                  eval_batch_size=25, max_new_tokens={"commonsense": 10, "math": 32}, warmup_steps=1),
     # a GPU (minutes on an H200): every training record (18.5k), one epoch of 32, up to 1000 test records per task
     "gpu": Preset("gpu", n_train=None, n_test=1000, max_steps=None, micro_batch_size=32, batch_size=32,
                   cutoff_len=256, eval_batch_size=128, max_new_tokens={"commonsense": 32, "math": 256},
@@ -88,31 +96,31 @@ _BN = "64"  # bottleneck size on SmolLM2 (hidden 576); the paper's 256 was for L
 LORA_QKV_MLP = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's LoRA targets
 
 TYPE_ROWS: tuple[Row, ...] = (  # prefix and prompt tuning first: the rows most sensitive to their settings
-    Row("prefix", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", "10"), 1e-2),
-    Row("prompt", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", "20"), 2e-2),
+    Row("prefix", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", "10"), 2e-2),
+    Row("prompt", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", "20"), 5e-2),
     Row("lora", "LoRA", ("--adapter_name", "lora", "--lora_r", "32", "--lora_alpha", "64", "--lora_dropout", "0.05",
-                         "--lora_target_modules", ",".join(LORA_QKV_MLP)), 2e-3),
-    Row("series", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN), 2e-3),
+                         "--lora_target_modules", ",".join(LORA_QKV_MLP)), 5e-3),
+    Row("series", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN), 5e-3),
     Row("adapterp", "AdapterP", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_adapterp"),
-        2e-3),
+        5e-3),
     Row("parallel", "Parallel", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN,
-                                 "--use_parallel_adapter"), 2e-3),
+                                 "--use_parallel_adapter"), 5e-3),
 )
 
 
 def _series(name: str, targets: Sequence[str]) -> Row:
     return Row(name, "Series", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_adapterp",
-                                "--target_modules", ",".join(targets)), 2e-3)
+                                "--target_modules", ",".join(targets)), 5e-3)
 
 
 def _parallel(name: str, targets: Sequence[str]) -> Row:
     return Row(name, "Parallel", ("--adapter_name", "bottleneck", "--bottleneck_size", _BN, "--use_parallel_adapter",
-                                  "--target_modules", ",".join(targets)), 2e-3)
+                                  "--target_modules", ",".join(targets)), 5e-3)
 
 
 def _lora(name: str, targets: Sequence[str], r: int = 32) -> Row:
     return Row(name, "LoRA", ("--adapter_name", "lora", "--lora_r", str(r), "--lora_alpha", str(2 * r),
-                              "--lora_target_modules", ",".join(targets)), 2e-3)
+                              "--lora_target_modules", ",".join(targets)), 5e-3)
 
 
 # The paper's placement study: series after attention / after the MLP / both; parallel beside attention / the MLP;
@@ -127,11 +135,11 @@ PLACEMENT_ROWS: tuple[Row, ...] = (
 # The paper's hyper-parameter study: LoRA rank, bottleneck size, number of virtual tokens.
 HPARAM_ROWS: tuple[Row, ...] = (
     *(_lora(f"lora-r{r}", LORA_QKV_MLP, r) for r in (4, 8, 16, 32)),
-    *(Row(f"series-b{b}", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", str(b)), 2e-3)
+    *(Row(f"series-b{b}", "Series (AdapterH)", ("--adapter_name", "bottleneck", "--bottleneck_size", str(b)), 5e-3)
       for b in (16, 64, 256)),
-    *(Row(f"prefix-vt{v}", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", str(v)), 1e-2)
+    *(Row(f"prefix-vt{v}", "Prefix", ("--adapter_name", "prefix-tuning", "--num_virtual_tokens", str(v)), 2e-2)
       for v in (10, 30)),
-    *(Row(f"prompt-vt{v}", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", str(v)), 2e-2)
+    *(Row(f"prompt-vt{v}", "Prompt tuning", ("--adapter_name", "prompt-tuning", "--num_virtual_tokens", str(v)), 5e-2)
       for v in (10, 30)),
 )
 STUDY_ROWS: dict[str, tuple[Row, ...]] = {"types": TYPE_ROWS, "placement": PLACEMENT_ROWS, "hparams": HPARAM_ROWS}
@@ -265,92 +273,6 @@ def _params_callback() -> Any:
     return ParamCount()
 
 
-INIT_TEXT = "Please choose the correct answer to the question. Answer format: the correct answer is"
-
-
-def _real_word_init_callback(tokenizer: Any) -> Any:
-    """Start prompt and prefix tuning from real words instead of PEFT's N(0, 1) tables.
-
-    PEFT (and so `fastadapters train`) draws the virtual tokens from N(0, 1): for SmolLM2 that is 7x the rms of its
-    word embeddings (0.14) and, for prefix tuning, 25x the rms of layer 0's values (0.04), in every layer, so the
-    untrained adapter already wrecks the model (it answers "199.9/199/12" or "1. 1. 1.") and a few dozen Adam steps
-    cannot undo it. Prompt tuning starts from the word embeddings of INIT_TEXT (PEFT's TEXT init, Lester et al.
-    2021); prefix tuning from the keys and values the frozen model computes for INIT_TEXT in every layer (Li & Liang
-    2021, "real word" initialisation). Applied when training begins (the optimizer holds the same tensors).
-    """
-    import torch
-    import transformers as tf
-
-    class RealWordInit(tf.TrainerCallback):
-        kind = ""
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - Trainer's signature
-            if state.global_step or model is None or not hasattr(model, "prompt_encoder"):
-                return
-            for name, enc in model.prompt_encoder.items():
-                peft_type = getattr(model.peft_config.get(name), "peft_type", "")
-                with torch.no_grad():
-                    if peft_type == "PROMPT_TUNING":
-                        self.kind = "prompt"
-                        _init_prompt(model, enc, tokenizer)
-                    elif peft_type == "PREFIX_TUNING" and not enc.prefix_projection:
-                        self.kind = "prefix"
-                        _init_prefix(model, name, enc, tokenizer)
-
-    return RealWordInit()
-
-
-def _init_ids(tokenizer: Any, n: int) -> Any:
-    import torch
-
-    ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
-    ids = (ids * (n // len(ids) + 1))[:n]
-    return torch.tensor([ids])
-
-
-def _init_prompt(model: Any, enc: Any, tokenizer: Any) -> None:
-    w = enc.embedding.weight
-    emb = model.base_model.get_input_embeddings()
-    w.copy_(emb(_init_ids(tokenizer, w.shape[0]).to(emb.weight.device))[0].to(w))
-
-
-def _init_prefix(model: Any, name: str, enc: Any, tokenizer: Any) -> None:
-    """Prefix table row p = [k_0(p), v_0(p), k_1(p), v_1(p), ...]: the frozen model's key / value projections of
-    INIT_TEXT's p-th token in every layer (PEFT's layout; keys before RoPE, as the prefix is never rotated)."""
-    import re
-
-    w = enc.embedding.weight
-    cfg = model.peft_config[name]
-    found: dict[tuple[int, str], Any] = {}
-    hooks = []
-    for mod_name, mod in model.base_model.named_modules():
-        m = re.search(r"layers\.(\d+)\.self_attn\.([kv])_proj$", mod_name)
-        if m:
-            key = (int(m.group(1)), m.group(2))
-            hooks.append(mod.register_forward_hook(lambda _m, _i, out, key=key: found.__setitem__(key, out[0])))
-    if len(hooks) != 2 * cfg.num_layers:
-        for h in hooks:
-            h.remove()
-        print("[reproduce] prefix: no k_proj/v_proj per layer in this model family; keeping PEFT's random init")
-        return
-    try:
-        with model.disable_adapter():
-            model.base_model(input_ids=_init_ids(tokenizer, w.shape[0]).to(w.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    parts = [found[(layer, kv)] for layer in range(cfg.num_layers) for kv in "kv"]
-    table = torch_cat(parts)
-    if tuple(table.shape) == tuple(w.shape):
-        w.copy_(table.to(w))
-
-
-def torch_cat(parts: list[Any]) -> Any:
-    import torch
-
-    return torch.cat(parts, dim=-1)
-
-
 def _versions() -> dict[str, str]:
     import torch
     import transformers
@@ -381,100 +303,15 @@ def settings_key(preset: Preset, tasks: Sequence[str], model: str, row: Row, ste
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def read_results(path: str) -> list[dict[str, str]]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def write_results(path: str, rows: Sequence[dict[str, Any]]) -> None:
-    """The whole CSV, written to a temporary file and renamed over the old one (a kill leaves either)."""
-    from .checkpoint import atomic_write_bytes
-
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
-
-
-def _f(x: Any, fmt: str = ".3f") -> str:
-    try:
-        return format(float(x), fmt)
-    except (TypeError, ValueError):
-        return "-"
-
-
-def format_markdown(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
-    """The results table: accuracy per task (base -> adapter), average, trainable parameters, train time,
-    tokens/s and peak memory per row."""
-    base = next((r for r in rows if r["row"] == "base"), None)
-    head = ["row", "adapter", *tasks, "avg", "trainable params", "train s", "train tok/s", "peak mem GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["row"], r["adapter"]]
-        for t in [*tasks, "avg"]:
-            acc = _f(r.get(f"acc_{t}"))
-            if base is not None and r is not base and base.get(f"acc_{t}") not in (None, ""):
-                acc = f"{_f(base[f'acc_{t}'])} -> {acc}"
-            cells.append(acc)
-        tp = r.get("trainable_params")
-        cells += [f"{int(float(tp)):,} ({_f(r.get('trainable_pct'), '.2f')}%)" if tp not in (None, "", "0") else "-",
-                  _f(r.get("train_seconds"), ".0f"), _f(r.get("tokens_per_s"), ",.0f"),
-                  _f(r.get("peak_mem_gib"), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    if rows:
-        r0 = rows[0]
-        n = ", ".join(f"{t} {r0.get(f'n_{t}', '?')}" for t in tasks)
-        lines.append("")
-        lines.append(f"Model {r0.get('model')}; preset {r0.get('preset')}; {r0.get('n_train_total')} training records "
-                     f"({r0.get('steps')} steps of {r0.get('batch_size')}), test records per task: {n}; greedy "
-                     f"decoding. Machine: {r0.get('machine')}; torch {r0.get('torch')}, transformers "
-                     f"{r0.get('transformers')}; {r0.get('date')}, commit {r0.get('commit')}.")
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(rows: Sequence[dict[str, Any]], tasks: Sequence[str], path: str, title: str = "") -> bool:
-    """Grouped bars: accuracy by task, one bar per row. False (and a note) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("[reproduce] matplotlib is not installed: no plot (pip install matplotlib)")
-        return False
-    cols = [*tasks, "avg"]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cols) + 0.35 * len(rows)), 4.2))
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        vals = [float(r.get(f"acc_{t}") or 0.0) for t in cols]
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, vals, width, label=r["row"], color="0.6" if r["row"] == "base" else None)
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=min(4, len(rows)), loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # ---------------------------------------------------------------- the command
 
 def _help_costs() -> str:
-    return ("CPU cost of each study with --preset cpu (measured on a shared, loaded 2-core machine; see "
-            "benchmarks/results/reproduce/results.md): types = base + 6 adapters, about 50-60 min; placement = "
-            "8 rows (+ base), about 70 min; hparams = 11 rows (+ base), about 100 min. Each row is about 7-9 min "
-            "(training 5-7, evaluation 1-2); prefix and prompt rows cost most per step (the backward runs through "
-            "every layer and the extra tokens).")
+    return ("Cost with --preset cpu, measured 2026-12-05 on a shared 2-core AMD EPYC at load 11-17 (this process got "
+            "15-25% of one core; a quiet machine is several times faster): evaluating one row on the 4 x 25 test "
+            "records took about 20 min (base model: 8 min ARC-Easy, 4 boolq, 4 openbookqa, 4 mawps); training one "
+            "row: see train_seconds in benchmarks/results/reproduce/results.csv. types = base + 6 rows, placement = "
+            "base + 8 rows, hparams = base + 11 rows, each row costing about the same (prefix and prompt tuning a "
+            "little more per step: the backward runs through every layer).")
 
 
 def _row_table() -> str:
@@ -491,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "LoRA, and prompt tuning) on real LLM-Adapters training data and evaluate each on the matching "
                     "test sets; writes results.csv, results.md and results.png to --out. Resumable: run the same "
                     "command again after a kill and it continues at the next unfinished row.",
-        epilog="Per-row learning rates (the same number of steps for every row; prompt and prefix tuning need "
-               "10-30x LoRA's):\n" + _row_table() + "\n\n" + _help_costs())
+        epilog="Per-row learning rates (the same number of steps for every row; chosen, not swept: prompt and prefix "
+               "tuning get 4-10x LoRA's, as usual for them):\n" + _row_table() + "\n\n" + _help_costs())
     add_arguments(p)
     return p
 
@@ -520,6 +357,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr_scale", type=float, default=1.0, help="multiply every row's learning rate")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--report", action="store_true",
+                   help="only redraw results.md and results.png from --out's results.csv (no model, no training)")
 
 
 def _resolve_model(args: argparse.Namespace, preset: Preset) -> str:
@@ -553,9 +392,43 @@ def _select_rows(study: str, names: str | None) -> list[Row]:
     return [known[n] for n in wanted if n in known]
 
 
+def write_report(out: str, rows: Sequence[dict[str, Any]], tasks: Sequence[str], study: str) -> str:
+    """results.md and results.png in `out` from CSV rows (in the study's row order); returns the table."""
+    from .checkpoint import atomic_write_bytes
+
+    order = {r.name: i for i, r in enumerate([BASE, *STUDY_ROWS.get(study, ())])}
+    rows = sorted(rows, key=lambda r: order.get(r["row"], len(order)))
+    table = format_markdown(rows, tasks)
+    atomic_write_bytes(os.path.join(out, "results.md"), table.encode("utf-8"))
+    if rows:
+        r0 = rows[0]
+        plot_results(rows, tasks, os.path.join(out, "results.png"),
+                     title=f"fastadapters reproduce --preset {r0.get('preset')} --study {study} "
+                           f"({r0.get('model')}, {r0.get('date')})")
+    return table
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run (or resume) a study as described by parsed `args`; returns the CSV rows."""
     from tqdm.auto import tqdm
+
+    if args.report:
+        done = read_results(os.path.join(args.out, "results.csv"))
+        if not done:
+            raise SystemExit(f"--report: {os.path.join(args.out, 'results.csv')} is missing or empty; run the study "
+                             "first")
+        tasks = [t for t in TASKS if f"acc_{t}" in done[0]]
+        for t in tasks:  # rows written before chance_<task> existed: recompute it from the saved test subset
+            path = os.path.join(args.out, "data", f"{t}.test.json")
+            if os.path.isfile(path) and any(not r.get(f"chance_{t}") for r in done):
+                from .data import load_records
+                from .extract import task_for
+
+                recs = load_records(path, split="test")
+                for r in done:
+                    r[f"chance_{t}"] = r.get(f"chance_{t}") or chance_accuracy(recs, task_for(t).kind)
+        print(write_report(args.out, done, tasks, done[0].get("study", "types")))
+        return done
 
     # every check that can fail on input runs before any model loads
     preset = PRESET_SETTINGS[args.preset]
@@ -670,6 +543,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             write_jsonl(out_rows, os.path.join(row_dir, f"{t}.jsonl"))
             record[f"acc_{t}"] = s["accuracy"]
             record[f"n_{t}"] = s["n"]
+            record[f"chance_{t}"] = chance_accuracy(recs, task.kind)
             accs.append(s["accuracy"])
         del model
         record["acc_avg"] = sum(accs) / len(accs)
@@ -682,14 +556,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         outer.write(f"[reproduce] {row.name}: " + ", ".join(f"{t} {record[f'acc_{t}']:.3f}" for t in tasks)
                     + (f" | train {record['train_seconds']:.0f} s" if row is not BASE else ""))
     outer.close()
-    table = format_markdown(results, tasks)
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(os.path.join(args.out, "results.md"), table.encode("utf-8"))
-    plot_results(results, tasks, os.path.join(args.out, "results.png"),
-                 title=f"fastadapters reproduce --preset {preset.name} --study {args.study} "
-                       f"({results[0]['model']}, {date})")
-    print(table)
+    print(write_report(args.out, results, tasks, args.study))
     print(f"[reproduce] {len(results)} rows in {time.perf_counter() - t_start:.0f} s (this invocation); "
           f"results.csv, results.md and results.png in {args.out}")
     return results
