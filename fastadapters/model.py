@@ -55,6 +55,8 @@ def _forward_with_signature(base_forward: Any) -> types.FunctionType:
             params = list(inspect.signature(base_forward).parameters.values())[1:]
         except (TypeError, ValueError):
             params = list(inspect.signature(src).parameters.values())[1:]
+        if fn.__dict__.get("__signature__") is not None:
+            del fn.__signature__
         names = {p.name for p in params}
         if "adapter_names" not in names:
             extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -67,17 +69,45 @@ def _forward_with_signature(base_forward: Any) -> types.FunctionType:
     return fn
 
 
+def _is_causal_lm_patch(value: Any, obj: Any) -> bool:
+    """Whether `value`, assigned to `obj.forward`, is a forward patch written for a transformers causal LM (it uses
+    `self.base_model` as the backbone): TRL's fused LM head, which SFTTrainer and DPOTrainer install on the model they
+    train (on `get_base_model()` for a PeftModel)."""
+    func = getattr(value, "__func__", None)
+    return (getattr(value, "__self__", None) is obj and func is not None
+            and str(getattr(func, "__globals__", {}).get("__name__", "")).startswith("trl."))
+
+
 class _BaseSignatureForward:
     """`AdapterModel.forward`: bound to an instance it is an ordinary bound method (accelerate and torch.compile
-    wrap it as usual) whose signature is the wrapped model's forward signature."""
+    wrap it as usual) whose signature is the wrapped model's forward signature.
+
+    Assigning `model.forward = ...` works as on any module (accelerate's autocast wrapper does it), with one
+    exception: a patch written for a transformers causal LM (TRL's fused LM head, see _is_causal_lm_patch) is
+    installed on the wrapped model, where `self.base_model` is the backbone and the adapters still run, as TRL does
+    for a PeftModel."""
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return AdapterModel._forward
+        patched = obj.__dict__.get("forward")
+        if patched is not None:
+            return patched
         base = obj.__dict__.get("_modules", {}).get("base_model")
         if base is None:
             return types.MethodType(AdapterModel._forward, obj)
         return types.MethodType(_forward_with_signature(type(base).forward), obj)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if _is_causal_lm_patch(value, obj):
+            base = obj.base_model
+            base.forward = types.MethodType(value.__func__, base)
+            return
+        obj.__dict__["forward"] = value
+
+    def __delete__(self, obj: Any) -> None:
+        if obj.__dict__.pop("forward", None) is None:
+            raise AttributeError("forward")
 
 
 class AdapterModel(nn.Module):
@@ -85,6 +115,10 @@ class AdapterModel(nn.Module):
 
     `base_model` is the wrapped transformers model; `peft_config` maps adapter names to configs.
     """
+
+    # transformers' marker for "trainable adapters are attached to this model": its Trainer refuses to train a
+    # quantized (QLoRA) base without it. Read by transformers, never set on transformers' objects.
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -212,11 +246,32 @@ class AdapterModel(nn.Module):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward with the active adapters (same arguments and outputs); `adapter_names=`
         (LoRA) picks one adapter per sequence."""
+        base = self.base_model
+        patched = "forward" in base.__dict__
+        if patched and self.__dict__.get("_in_forward"):
+            # a causal-LM patch on the wrapped model (see _BaseSignatureForward) calls the forward it replaced, which
+            # is ours: the adapters already ran on the way in, continue into the wrapped model's own forward
+            return type(base).forward(base, *args, **kwargs)
         method = self._call_method(kwargs)
-        if method is None:
-            return self.base_model(*args, **kwargs)
-        return method.forward(self, *args, **kwargs)
+        if not patched:
+            return base(*args, **kwargs) if method is None else method.forward(self, *args, **kwargs)
+        self.__dict__["_in_forward"] = True
+        try:
+            if method is None:
+                return base(*args, **kwargs)
+            return method.forward(self, *args, **kwargs)
+        finally:
+            self.__dict__["_in_forward"] = False
 
+    # What inspect.signature(AdapterModel.forward) shows at class level (transformers' find_labels reads the class
+    # to find the label columns, as for PEFT's PeftModelForCausalLM.forward); instances show the wrapped model's.
+    _forward.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+          for n in ("input_ids", "attention_mask", "inputs_embeds", "labels")),
+        inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ])
     forward = _BaseSignatureForward()
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -232,7 +287,9 @@ class AdapterModel(nn.Module):
         """Recompute activations in backward, with transformers' arguments (`every_n_layers` and `offload` as
         transformers >= 5.24 takes them; Trainer passes both). Inputs get requires_grad so that reentrant
         checkpointing reaches the adapters."""
-        kwargs = dict(activation_checkpointing_kwargs or {})
+        # transformers >= 5.24's default, made explicit: passing {} would leave torch's checkpoint without
+        # use_reentrant (a deprecation warning, an error in later torch)
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         enable = getattr(self.base_model, "activation_checkpointing_enable", None)
         extra: dict[str, Any] = {}
         if every_n_layers != 1:
@@ -245,7 +302,7 @@ class AdapterModel(nn.Module):
             if extra:
                 raise TypeError(f"this transformers version has no every_n_layers/offload ({sorted(extra)})")
             self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if kwargs.get("use_reentrant", True) and hasattr(self.base_model, "enable_input_require_grads"):
+        if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
             self.base_model.enable_input_require_grads()
 
     def gradient_checkpointing_enable(
