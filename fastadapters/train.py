@@ -483,7 +483,8 @@ def _looks_whole(path: str) -> bool:
             state = json.load(f)
     except (OSError, ValueError):
         return False
-    weights = any(os.path.isfile(os.path.join(path, f)) for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    weights = any(os.path.isfile(os.path.join(path, f))
+                  for f in ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors"))
     return isinstance(state, dict) and "global_step" in state and weights and \
         os.path.isfile(os.path.join(path, "optimizer.pt"))
 
@@ -515,36 +516,11 @@ def _adapter_checksum(model: Any) -> float:
 
 def _trainer_classes() -> tuple[type, type, type]:
     """(AdapterTrainer, ProgressBarCallback, CheckpointMarkerCallback); built lazily so importing this
-    module stays cheap."""
+    module stays cheap. The trainer is fastadapters.hf.AdapterTrainer: only public Trainer API."""
     import transformers as tf
     from tqdm.auto import tqdm
 
-    class AdapterTrainer(tf.Trainer):
-        """Trainer that saves and loads the adapter only, in fastadapters' (PEFT's) layout."""
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            if not self.args.should_save:
-                return
-            os.makedirs(output_dir, exist_ok=True)
-            _unwrap(self.model).save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            marker = os.path.join(folder, COMPLETE_MARKER)
-            if self.args.should_save and os.path.exists(marker):
-                os.remove(marker)  # being rewritten: not complete until the new marker lands
-            super()._save_checkpoint(model, trial)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            load_adapter_weights(model if model is not None else self.model, resume_from_checkpoint)
-
-        def _load_best_model(self) -> None:
-            best = self.state.best_model_checkpoint
-            if best and os.path.isdir(best):
-                print(f"[fastadapters] loading the best checkpoint {best} (eval loss {self.state.best_metric:.4f})")
-                load_adapter_weights(self.model, best)
+    from .hf import AdapterTrainer
 
     class ProgressBarCallback(tf.TrainerCallback):
         """tqdm bar over optimizer steps with the last logged loss and tokens/s."""
@@ -590,7 +566,14 @@ def _trainer_classes() -> tuple[type, type, type]:
                 self.bar = None
 
     class CheckpointMarkerCallback(tf.TrainerCallback):
-        """Marks checkpoint-N complete once every process has finished writing it."""
+        """Marks checkpoint-N complete once every process has finished writing it (and unmarks a checkpoint-N
+        that is about to be written again)."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if control.should_save and state.is_world_process_zero:
+                marker = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", COMPLETE_MARKER)
+                if os.path.exists(marker):
+                    os.remove(marker)  # being rewritten: not complete until the new marker lands
 
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
             import torch.distributed as dist
@@ -606,6 +589,20 @@ def _trainer_classes() -> tuple[type, type, type]:
                     atomic_write_bytes(os.path.join(folder, COMPLETE_MARKER), json.dumps(body).encode())
 
     return AdapterTrainer, ProgressBarCallback, CheckpointMarkerCallback
+
+
+def _add_trainer_weights(model: Any, checkpoint: str, main: bool) -> None:
+    """A checkpoint-N written before fastadapters used Trainer's own resume path holds the adapter in PEFT's layout
+    only; Trainer reads model.safetensors (the AdapterModel's state). Write it from the adapter files once."""
+    target = os.path.join(checkpoint, "model.safetensors")
+    if os.path.isfile(target) or not main:
+        return
+    from safetensors.torch import save_file
+
+    load_adapter_weights(model, checkpoint)
+    save_file({k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}, target,
+              metadata={"format": "pt"})
+    print(f"[fastadapters] {checkpoint}: wrote model.safetensors (the adapter state) for Trainer's resume")
 
 
 def _peak_memory() -> str:
@@ -713,7 +710,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, 
         ddp_find_unused_parameters=False if ddp else None,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to=["wandb"] if use_wandb else "none", run_name=args.wandb_run_name or None if use_wandb else None,
-        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
+        prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding", disable_tqdm=True, seed=args.seed, use_cpu=use_cpu,
         dataloader_pin_memory=not use_cpu, **half)
     AdapterTrainer, ProgressBarCallback, CheckpointMarkerCallback = _trainer_classes()
@@ -727,6 +724,7 @@ def train(args: argparse.Namespace, callbacks: Sequence[Any] = ()) -> dict[str, 
     tokens0 = 0
     if resume_checkpoint:
         say(f"Resuming from {resume_checkpoint}")
+        _add_trainer_weights(model, resume_checkpoint, rank == 0)
         with open(os.path.join(resume_checkpoint, TRAINER_STATE)) as f:
             tokens0 = int(json.load(f).get("num_input_tokens_seen", 0) or 0)
     out = trainer.train(resume_from_checkpoint=resume_checkpoint)
