@@ -451,9 +451,10 @@ def _bwd_kv_inner_kernel(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
         b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
         b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=DOT_PREC) * sm_scale
-            tl.atomic_add(p_dqh + (g * Lq + o_m)[:, None] * D + o_d[None, :], b_dq, mask=m_q, sem="relaxed")
+        if ATOMIC_DQ:  # dQ^T = K^T dS^T: K^T is a view of K's shared tile and dS^T already the B layout's shape
+            b_dqt = tl.dot(tl.trans(b_k), b_dst, input_precision=DOT_PREC) * sm_scale  # (D_PAD, BLOCK_M)
+            tl.atomic_add(p_dqh + (g * Lq + o_m)[None, :] * D + o_d[:, None], b_dqt, mask=tl.trans(m_q),
+                          sem="relaxed")
     return b_dk, b_dv
 
 
