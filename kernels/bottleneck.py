@@ -82,7 +82,12 @@ PREDICTION (from the compiled code and the numbers above, not a measurement; no 
   fwd+bwd 0.33-0.47 ms (1.3-1.8x the 261 us floor); with fp32 adapter weights ~6 us more (two casts).
   Before (fp32 weights): fp32 FMA dots on CUDA cores, <= 67 TFLOP/s on an H100/H200 (datasheet), so >= 12x the
   floor on math alone, 20-50x by the issue's estimate.
-Next: measure on a GPU; then the cluster / warp-specialised forward and dx above.
+  benchmarks/static.py's model (compulsory bytes, no L2 term, so optimistic for these L2-bound kernels; sm_90,
+  H100 SXM datasheet ceilings; run 2026-12-05 15:18 UTC on this code): M = 16384 with fp32 weights fwd 1.18x,
+  bwd 1.33x, call 1.28x the floor; M = 4096: 2.7x -- the row kernels run cdiv(4096, 64) = 64 programs on 132 SMs
+  (half the GPU idle), and the wgrad split partials and the casts weigh more at small M.
+Next: measure on a GPU; then the cluster / warp-specialised forward and dx above, and a small-M plan (more row
+  programs without more weight re-reads: split phase 2 over d_out across a 2-CTA cluster).
 
   memory   saved for backward beyond the caller's h: pre + a, 6 M b = 24 MiB (torch's reference keeps an fp32
            copy of h, 4 M d = 256 MiB, plus two M x b fp32 tensors); backward scratch g (2 M b = 8 MiB) and the
