@@ -46,15 +46,37 @@ Napkin math (H200: ~4.8 TB/s HBM, ~990 TFLOP/s dense bf16, 132 SMs; K = N = 4096
   bwd extra           dxa, dB read dy (2 x 28 us at M=16384), dA reads x (28 us + Philox), the masked dx epilogue
                       reads + writes dx (56 us) with one Philox per 8 elements; dx without dropout: cuBLAS addmm_.
   memory              saved beyond x: 4Mr = 1 MiB for xa and the seed.
-  Prediction (from the napkin math, not measured; no GPU this session), default path, M = 16384, against the
-  floor = the base layer's cuBLAS time: fwd ~1.12x (28 us shrink with Philox ~50 us, 56 us LoRA term over
-  0.75 ms), fwd+bwd ~1.15x; M = 256: fwd ~2x the base GEMM's 12 us (three launches of ~3-5 us each dominate:
-  the floor there is launch latency, not bytes).
-  Launches: fwd 2 + the partial sum when split (+ cuBLAS mm); bwd 4 + 2-3 small sums (+ cuBLAS dx, dW).
+  Prediction (from the napkin math, not measured: no GPU this session), default path, against the base layer's
+  own cuBLAS time (M = 16384: ~0.75 ms fwd, ~1.5 ms fwd+bwd with W frozen):
+    M = 16384, p = 0.05: fwd ~1.15x (shrink ~50 us Philox-bound + LoRA term ~60 us), fwd+bwd ~1.2x (+ dxa, dB
+                         ~28 us each, masked dx epilogue ~60 us, dA ~50 us); p = 0: fwd ~1.1x.
+    M = 256:             fwd ~2x of the base GEMM's ~12 us: 3-4 launches of ~3-5 us dominate (launch-bound).
+  Against the byte/FLOP floor of benchmarks/static.py (base GEMM at the matmul ceiling, 0.56 ms) multiply by
+  ~1.35 (cuBLAS's own distance to peak). The opt-in fused GEMM would save the LoRA term's pass (~60 us) if it ran
+  at cuBLAS speed; at the measured 1.07-1.16x of plain Triton GEMMs it loses 0-7 % fwd.
+  Launches: fwd 2 Triton (shrink, + the partial sum when split) + 2 cuBLAS; bwd 4 Triton with dropout (3 without)
+  + 2-3 partial sums + cuBLAS dx (and dW, db when the base trains).
 
-Register budget (tests/test_sm90_lora.py compiles every dispatched config per arch, no spills allowed): the dx
-GEMM draws its mask with the accumulator live, so `gemm_config(..., dropout=True)` keeps to <= 64 accumulator
-registers per thread. The rank-r chunks are a loop, not unrolled, so registers do not grow with r.
+Compiled code (Triton 3.6 + the wheel's ptxas, no GPU, 2026-12-05; dispatch_space configs, bf16, K = N = 4096;
+registers / shared bytes / main-loop MMA; no spills anywhere, no C7515):
+  role (shape)              sm_90                       sm_80                     sm_86 = sm_89 (99 KiB)
+  shrink_xa  (M256, split)  64 / 32 K / mma.sync m16n8  76 / 32 K / mma.sync      70 / 32 K / mma.sync
+  shrink_xa  (M4096)        112 / 52 K / wgmma m64n16   128 / 56 K / mma.sync     128 / 56 K / mma.sync
+  shrink_dA  (M16384)       130 / 68 K / wgmma m64n16   168 / 64 K / mma.sync     164 / 64 K / mma.sync
+  shrink_xa  (r256)         204 / 76 K / mma.sync       194 / 76 K / mma.sync     198 / 40 K (2 stages)
+  epilogue_dx (masked)      82 / 8 K / - (K = r)        80 / 8 K                  78 / 8 K
+  gemm_fwd#main (fused)     198 / 152 K / wgmma m64n256 255 / 96 K / mma.sync     222 / 48 K / mma.sync
+  gemm_dx#main (fused)      186 / 132 K / wgmma m64n128 186 / 96 K / mma.sync     178 / 48 K / mma.sync
+  The fused GEMM's wgmma loops are pipelined (wait_group 1). The shrinks' N is the padded rank (16): memory-bound
+  by design; 32-row tiles (M <= 256) take mma.sync on sm_90 (wgmma needs 64 rows per warpgroup).
+Philox cost (SASS, sm_90, shrink 64x128 tile): 1496 instructions with the mask vs 555 without: ~940 per K step,
+~117 per Philox call (8 calls per thread per step). That is Philox-10 itself (one call per 8 elements already);
+fewer rounds or a saved bit-mask would change kernels/_common.py (shared with bottleneck): not done here.
+
+Register budget (no spills allowed): the masked GEMMs draw the mask with the accumulator live, so
+`gemm_config(..., dropout=True)` keeps to <= 64 accumulator registers per thread and the masked epilogue uses 64x64
+tiles (64x128 reached 255 registers and spilled at unaligned shapes, K = 72). The rank-r chunks are a loop, not
+unrolled, so registers do not grow with r.
 
 Several adapters on one layer: each call is independent (its own seed, so its own mask) and gradients add up
 through autograd (tests/test_kernels_lora.py::test_several_adapters_on_one_layer).

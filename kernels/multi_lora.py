@@ -39,6 +39,13 @@ Napkin math (H200 ~4.8 TB/s, bf16, K = N = 4096, R = 16, 8 adapters, 132 SMs)
   Prediction (napkin math, not measured; no GPU this session): decode ~2 launches' latency (~8-10 us per layer,
   ~1x the launch floor); prefill ~1.1-1.2x the 84 us byte floor (the gathered rows defeat coalescing only within
   a 64-row tile, so the x stream stays near full bandwidth).
+Compiled code (Triton 3.6 + the wheel's ptxas, no GPU, 2026-12-05; bf16, K = N = 4096, r = 16; registers /
+shared bytes / MMA; no spills in the default space of any arch):
+  decode shrink (16x128, split 32)   sm_90 40 / 16 K / mma.sync m16n8k16   sm_80 48   sm_86/89 48
+  decode expand (16x64, 32 slabs)    sm_90 32 / 4.5 K                      sm_80 32   sm_86/89 40
+  prefill shrink (64x64, split 1)    sm_90 47 / 30 K / wgmma m64n16k16     sm_80 64   sm_86/89 56 (mma.sync)
+  prefill expand (64x128x16, 8 w)    sm_90 64 / 22 K / wgmma m64n64k16     sm_80 62   sm_86/89 58
+  The expand's rank chunks and split slabs are loops (unrolled, fp32 R256 with 32 slabs spilled on sm_90).
 Precision: fp32 accumulation; h stays fp32 and is rounded to B's dtype only as the tl.dot operand; the
 adapter weights are cast to x's dtype for the shrink dot. fp32 uses "ieee" unless torch allows TF32.
 """
