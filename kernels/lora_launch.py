@@ -18,7 +18,7 @@ import triton
 
 from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, shape_bucket, target, tuned, use_target
+from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
 from .lora import _lora_linear_kernel, _lora_shrink_kernel
 from .lora_configs import (
     INTERPRETER_GEMM,
@@ -370,6 +370,17 @@ def _compile_key(launch: Launch) -> tuple:
     return tuple(key)
 
 
+def _arch_target(arch: str) -> Target:
+    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
+    (benchmarks/static.py builds one for sm_100)."""
+    if arch in ARCHS:
+        return ARCHS[arch]
+    forced = forced_target()
+    if forced is not None and forced.arch == arch:
+        return forced
+    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
 def _cfg_tag(launch: Launch) -> str:
     kw = launch.kwargs
     if "BLOCK_ROW" in kw:
@@ -392,7 +403,7 @@ def _record(arch: str, dtype: torch.dtype, shape: tuple[int, int, int, int], p: 
     A = torch.empty((r, K), device=meta, dtype=dtype)
     B = torch.empty((N, r), device=meta, dtype=dtype)
     dy = torch.empty((M, N), device=meta, dtype=dtype)
-    with use_target(arch), use_configs(base=base), record_launches() as rec:
+    with use_target(_arch_target(arch)), use_configs(base=base), record_launches() as rec:
         start = len(_roles)
         _, xa = lora_linear_fwd(x, W, b, A, B, 2.0, p, seed=1234)
         lora_linear_bwd(dy, x, W, A, B, xa, 2.0, p, 1234, need_dW=True, need_db=True)
@@ -422,8 +433,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     and M = 256 (its two tile rules), the odd shapes and rank 256 in bf16. full: fp16 too, p = 0 and 0.05, every
     shape on both paths, ranks 16..256 at M = 4096. `distinct_compiles(space)`: one entry per distinct binary.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    tgt = _arch_target(arch)
     global _overrides
     outer, _overrides = _overrides, _Overrides()  # the configs a GPU would pick, not a test's fixed ones
     out: list[tuple[str, Launch]] = []
@@ -441,7 +451,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
                 for r in (32, 64, 128):
                     out += _record(arch, dt, (4096, 4096, 4096, r), 0.05, "cublas")
                     out += _record(arch, dt, (4096, 4096, 4096, r), 0.05, "fused")
-        with use_target(arch), record_launches() as rec:
+        with use_target(tgt), record_launches() as rec:
             lora_dropout_mask((4096, 4096), 0.05, 1234, device="meta")
         out.append((f"lora/dropout_mask:{_cfg_tag(rec[0])}", rec[0]))
     finally:

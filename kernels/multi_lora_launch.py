@@ -18,7 +18,7 @@ import triton
 
 from ._common import INTERPRETED, Launch, LaunchRecorder
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, shape_bucket, target, tuned, use_target
+from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
 from .multi_lora import _multi_lora_expand_kernel, _multi_lora_shrink_kernel
 from .multi_lora_configs import (
     DECODE_MAX_M,
@@ -206,6 +206,17 @@ BENCH_SHAPES = ((32, 4096, 4096), (16384, 4096, 4096), (32, 4096, 11008))
 ODD_SHAPES = ((37, 72, 40),)
 
 
+def _arch_target(arch: str) -> Target:
+    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
+    (benchmarks/static.py builds one for sm_100)."""
+    if arch in ARCHS:
+        return ARCHS[arch]
+    forced = forced_target()
+    if forced is not None and forced.arch == arch:
+        return forced
+    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
 def _record(arch: str, dtype: torch.dtype, M: int, K: int, N: int, r: int, n: int) -> tuple[Launch, Launch]:
     meta = dict(device="meta")
     x = torch.empty(M, K, dtype=dtype, **meta)
@@ -214,7 +225,7 @@ def _record(arch: str, dtype: torch.dtype, M: int, K: int, N: int, r: int, n: in
     s = torch.empty(n, dtype=torch.float32, **meta)
     out = torch.empty(M, N, dtype=dtype, **meta)
     idx = torch.empty(M, dtype=torch.int64, **meta)
-    with use_target(arch), record_launches() as rec:
+    with use_target(_arch_target(arch)), record_launches() as rec:
         multi_lora_fwd(x, A, B, s, idx, out)
     shrink, expand = rec
     return shrink, expand
@@ -237,8 +248,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     adapters, the widest segment search), fp16 at 16, fp32 at 16 and 256, the odd shape in bf16; full: every dtype
     at every rank pad 16..256. `distinct_compiles(space)`: one entry per distinct binary.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    _arch_target(arch)  # an unknown arch fails here, with the list of known ones
     global _override, _override_split
     outer, (_override, _override_split) = (_override, _override_split), (None, None)
     out: list[tuple[str, Launch]] = []
