@@ -423,11 +423,9 @@ def _bwd_kv_inner_kernel(
     p_dqh,    # (GROUP, Lq, D) fp32 dq accumulator rows, written only when ATOMIC_DQ
     s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, offset, o_d, qk_scale, sm_scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-    MASK_COL: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASK_COL: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, DQ_T: tl.constexpr,
 ):
-    """dK, dV (dK not yet scaled) of one held key block from query rows [m_lo, Lq) of each of the GROUP query
-    heads (one flat loop over (head, query block): one pipeline, no nested loop), and with ATOMIC_DQ these rows'
-    dQ share (dS K, scaled) added to the fp32 accumulator. Rows >= Lq read lse = +inf (P = 0)."""
+    """dK, dV (dK unscaled) of a held key block from rows [m_lo, Lq) of the GROUP heads (one flat loop), + dQ."""
     n_it = tl.cdiv(Lq - m_lo, BLOCK_M)
     for it in tl.range(0, GROUP * n_it):
         g = it // n_it
@@ -451,10 +449,12 @@ def _bwd_kv_inner_kernel(
         b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
         b_dst = (b_pt * (b_dpt - b_delta[None, :])).to(b_q.dtype)
         b_dk = tl.dot(b_dst, b_q, b_dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:  # dQ^T = K^T dS^T: K^T is a view of K's shared tile and dS^T already the B layout's shape
+        if ATOMIC_DQ and DQ_T:  # sm_90: dQ^T = K^T dS^T (K^T is a view of K's shared tile, no register transpose)
             b_dqt = tl.dot(tl.trans(b_k), b_dst, input_precision=DOT_PREC) * sm_scale  # (D_PAD, BLOCK_M)
-            tl.atomic_add(p_dqh + (g * Lq + o_m)[None, :] * D + o_d[:, None], b_dqt, mask=tl.trans(m_q),
-                          sem="relaxed")
+            tl.atomic_add(p_dqh + (g * Lq + o_m)[None, :] * D + o_d[:, None], b_dqt, mask=tl.trans(m_q), sem="relaxed")
+        elif ATOMIC_DQ:  # sm_8x (mma.sync): dQ = dS K (the transposed form spills there)
+            b_dq = tl.dot(tl.trans(b_dst), b_k, input_precision=DOT_PREC) * sm_scale
+            tl.atomic_add(p_dqh + (g * Lq + o_m)[:, None] * D + o_d[None, :], b_dq, mask=m_q, sem="relaxed")
     return b_dk, b_dv
 
 
@@ -473,7 +473,7 @@ def _prefix_attn_bwd_kv_kernel(
     s_pkh, s_pkn, s_pvh, s_pvn, s_mb, s_mn, s_dob, s_doh, s_dom,
     BH, Hkv, Lq, Lk, P, n_prefix_blocks, sm_scale, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr, DQ_T: tl.constexpr,
 ):
     """Program i_n * BH + (b * Hkv + h_kv): key block i_n of [prefix blocks ; token blocks] (the heaviest, first
     blocks first); sums the GROUP query heads; with ATOMIC_DQ also adds every query block's dQ share."""
@@ -524,7 +524,7 @@ def _prefix_attn_bwd_kv_kernel(
                                       p_lse + i_bhq * Lq, p_delta + i_bhq * Lq, p_dqa + i_bhq * Lq * D,
                                       s_qh, s_qm, s_doh, s_dom, Lq, m_lo, o_n, tl.where(is_prefix, 1 << 30, offset),
                                       o_d, qk_scale, sm_scale,
-                                      GROUP, D, D_PAD, BLOCK_M, CAUSAL, HAS_KPM, ATOMIC_DQ, DOT_PREC)
+                                      GROUP, D, D_PAD, BLOCK_M, CAUSAL, HAS_KPM, ATOMIC_DQ, DOT_PREC, DQ_T)
     b_dk = b_dk * sm_scale
     if is_prefix:
         o_row = (i_bh * P + o_n)[:, None] * D + o_d[None, :]

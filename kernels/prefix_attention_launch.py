@@ -301,7 +301,8 @@ def _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, ca
         args = (q, k, v, pk, pv, kpm_arg, dout, lse, delta, dk, dv, dpk_part, dpv_part, dq_acc, *strides,
                 B * Hkv, Hkv, Lq, Lk, P, n_pb, scale, qk_scale)
         _launch("bwd_dkdv" if atomic else "bwd_dkdv_det", kernel, (n_blocks * B * Hkv,),
-                _kw(kernel, args, BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, ATOMIC_DQ=atomic, **flags),
+                _kw(kernel, args, BLOCK_M=c1.block_m, BLOCK_N=c1.block_n, ATOMIC_DQ=atomic,
+                    DQ_T=target(q.device).hopper, **flags),
                 c1.num_warps, c1.num_stages)
     if atomic:
         dq = dq_acc.to(q.dtype)  # the scale is applied in the kernel
