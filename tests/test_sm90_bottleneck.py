@@ -7,10 +7,10 @@ dispatch_space), so the specialisation (16-divisible sizes, aligned pointers, or
 that GPU would run.
 
 Default run (one compile per distinct binary, 31 in all; 7.8 min with a cold Triton cache on 2 cores loaded by
-4 other sessions (load average ~15), 2026-12-05): the whole default space for sm_90 (the benchmark shapes' call, the same
-tiles with dropout, biases and a learned scale, b = 1024, odd shapes, the dropout mask) and for sm_80 and sm_86 the
-benchmark shapes' call and its every-feature twin (b = 256, aligned); sm_89 dispatches sm_86's configs (checked
-without compiling; its compiles gave the same registers and shared memory).
+4 other sessions (load average ~15), 2026-12-05): the whole default space for sm_90 (the benchmark shapes' call,
+the same tiles with dropout, biases and a learned scale, b = 1024, odd shapes, the dropout mask) and for sm_80 and
+sm_86 the benchmark shapes' call and its every-feature twin (b = 256, aligned); sm_89 dispatches sm_86's configs
+(checked without compiling; its compiles gave the same registers and shared memory).
 FASTADAPTERS_SM90_FULL=1 adds the full space on every arch (fp16 and fp32 models, every padded bottleneck
 16..1024, aligned and unaligned).
 """
