@@ -63,16 +63,19 @@ Napkin math (B=8, H=32, L=2048, D=128, P=30, bf16, causal; H200: 990 TFLOP/s den
 
 Compiled code (Triton 3.6, ptxas from the wheel; tests/test_sm90_prefix_attention.py holds the gates). sm_90, quick
 preset: fwd 128x64 tiles, 8 warps, 3 stages: wgmma m64n64k16 (QK^T) + m64n128k16 (PV), 238 registers, no spill,
-128 KiB shared, cp.async.wait_group 2 (loads 2 tiles ahead), every wgmma.wait_group 0. dK/dV (+ atomic dQ) 64x64
-tiles, 8 warps: wgmma m64n32k16 (S^T, dP^T) + m64n64k16 (dV, dK, dQ), 240 registers, no spill, 129 KiB shared,
-no C7515 (the 16x64 tiles before: m64n8k16 and C7515). wgmma.wait_group > 0 is not reachable from tl code in
-Triton 3.6 (and 3.9): its Hopper pipeliner (WGMMAPipeline.cpp, dotCanBeProperlyAsync) leaves a wgmma in flight only
-when its result feeds nothing in the loop but the next iteration's accumulator; the softmax reads S in the same
-loop, which forces a wait 0, and any wait 0 in a loop suppresses the deeper waits. Tried and compiled: the
-tutorial's acc = dot(p, v, acc), a hand-pipelined loop issuing S(j+1) before PV(j), two 64-row halves per program,
-tl.range(warp_specialize=True): all wait_group 0. The overlap this kernel gets is between its two warpgroups and
-between the PV wgmma and the next tile's loads; FA3-style intra-warpgroup overlap needs Gluon (explicit
-warpgroup_mma_wait(1)): not done.
+128 KiB shared, cp.async.wait_group 2 (loads 2 tiles ahead), every wgmma.wait_group 0. dK/dV + atomic dQ: 64x64
+tiles, 8 warps, 3 stages: wgmma m64n32k16 (S^T, dP^T: N = half the query tile) + m64n64k16 (dV, dK, dQ^T: N =
+half of D), 255 registers, no spill, 145 KiB shared, no C7515 (before: 16x64 tiles, m64n8k16, C7515). dQ is
+computed as dQ^T = K^T dS^T on sm_90 (K^T is a view of K's shared tile; dS K with a register transpose spills at
+odd shapes), as dS K on sm_8x (the transposed form spills 300-1300 bytes on mma.sync). 128-key tiles (FA2's) spill
+at D = 128 in Triton. Deterministic mode: dK/dV 253 registers, dq kernel 128x64 233 registers, no spill.
+wgmma.wait_group > 0 is not reachable from tl code in Triton 3.6 (nor 3.9): its Hopper pipeliner
+(WGMMAPipeline.cpp, dotCanBeProperlyAsync) leaves a wgmma in flight only when its result feeds nothing in the loop
+but the next iteration's accumulator; the softmax reads S in the same loop, which forces a wait 0, and any wait 0
+in a loop suppresses the deeper waits. Tried and compiled: the tutorial's acc = dot(p, v, acc), a hand-pipelined
+loop issuing S(j+1) before PV(j), two 64-row halves per program, tl.range(warp_specialize=True): all wait_group 0.
+The overlap this kernel gets is between its two warpgroups and between the PV wgmma and the next tile's loads;
+FA3-style intra-warpgroup overlap needs Gluon (explicit warpgroup_mma_wait(1)): not done.
 
 PREDICTED (not measured; no GPU run yet) on an H200 at the quick preset: forward 0.55-0.70 ms = 1.5-1.8x the floor
 (Triton-class FA2 forward efficiency, 400-500 TFLOP/s, with wait_group 0); backward (atomic dQ, default)
