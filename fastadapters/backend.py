@@ -93,7 +93,11 @@ def get_backend(op: str | None = None) -> str:
 
 
 def in_backward() -> bool:
-    """Whether this thread is running a backward pass (a gradient-checkpointing recompute happens inside one)."""
+    """Whether this thread is running a backward pass (a gradient-checkpointing recompute happens inside one).
+    False while torch.compile traces (dynamo cannot trace the engine query; a compiled region's recompute is
+    its own graph, dispatched when it was traced)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
