@@ -6,7 +6,7 @@ step, so every call recomputes the DoRA norm; ||W||^2 of the frozen W stays cach
   lora_reference  our plain LoRA layer on the "torch" backend    (what DoRA adds is measured against these two)
   lora_fused      our plain LoRA layer on the "triton" backend   (GPU; skipped with a note elsewhere)
   reference       our DoRA layer on the "torch" backend (norm: ||W||^2 + 2s B.(W A^T) + s^2 B (A A^T) B^T)
-  fused           our DoRA layer on the "triton" backend (fused LoRA GEMM, then the column scale and bias)
+  fused           our DoRA layer on the "triton" backend (LoRA kernels, the column scale in the LoRA-term epilogue)
   peft            HF PEFT 0.21's DoRA Linear (no cache: builds lora_B(lora_A(eye(K))) and W + s B A every call)
 Inference (fwd under no_grad, eval mode, weights unchanged between calls):
   reference_cached / fused_cached  our layer with its norm cache (the norm is computed once)
@@ -15,7 +15,9 @@ Inference (fwd under no_grad, eval mode, weights unchanged between calls):
 Napkin math (bf16, M tokens): base GEMM 2*M*K*N FLOPs; LoRA 2*M*r*(K+N); the DoRA norm 2*N*K*r (W A^T, one pass
 over W: 2*N*K bytes) + O(N r^2) -- at M = 4096 the same ~0.8 % as the LoRA term, at M = 256 ~12 % of the base
 GEMM: the row norm's pass over W is a fixed per-step cost. PEFT's norm costs 2*K*K*r + 2*K*N*r FLOPs plus three
-K x N / K x K temporaries (written and read) per call. The column scale is one more pass over the (M, N) output.
+K x N / K x K temporaries (written and read) per call. The column scale rides in the epilogue that adds the LoRA
+term (no extra pass over y in the forward); the backward adds two elementwise passes over (M, N) (dy * c and the
+magnitude's reduction).
 Target on a GPU (issue 16): fused <= 1.10x lora_fused, and >= 2x faster than peft in fwd+bwd.
 Dropout: p = 0 only (with dropout in training PEFT's DoRA needs x_d W^T besides x W^T: not the fused form).
 

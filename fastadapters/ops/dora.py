@@ -5,9 +5,10 @@
 
 DoRA is LoRA with a per-output-column scale c = magnitude / weight_norm on the layer output, so it rides on
 `lora_linear`'s backend (fastadapters.use_backend(lora_linear=...)): on the reference ("torch") it runs
-`dora_linear_ref`; on a kernel backend it runs the fused LoRA kernel with bias=None and applies c and the bias
-after it (one extra elementwise pass over the (M, N) output; the backward of that pass gives the magnitude's
-gradient). The references live in fastadapters.kernels.dora_ref.
+`dora_linear_ref`; on a kernel backend it runs fastadapters.ops.dora_triton (the LoRA Triton kernels with c folded
+into the epilogue that adds the LoRA term: y = c * (x W^T + s xa B^T) + b in one read + write of y; under "auto"
+a kernel that fails to compile or launch falls back to the reference with one warning, as lora_linear does).
+The references live in fastadapters.kernels.dora_ref.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 from ..kernels.dora_ref import dora_linear_ref, dora_norm_ref
 from . import _registry
 from ._utils import check_dropout, check_same, check_scalar, check_tensor, fmt_shape, maybe_dropout_mask
-from .lora import lora_linear
 
 
 def _check_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[int, int, int]:
@@ -109,14 +109,12 @@ def dora_linear(
     mask = maybe_dropout_mask(x, dropout_p, training, seed, dtype=torch.promote_types(x.dtype, torch.float32))
     if mask is not None:
         return dora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm, mask)
-    backend, _ = _registry.resolve("lora_linear", x, weight, None, lora_A, lora_B, scaling, None)
+    backend, _ = _registry.resolve("lora_linear", x, weight, bias, lora_A, lora_B, scaling, None)
+    args = (x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm)
     if backend == "torch":
-        return dora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, magnitude, weight_norm)
-    # kernel path: the fused LoRA GEMM without bias, then the column scale and the bias in one elementwise pass
-    z = lora_linear(x, weight, None, lora_A, lora_B, scaling)
-    c = magnitude / weight_norm.detach().to(magnitude.dtype)
-    cdtype = torch.promote_types(c.dtype, x.dtype)
-    y = z.to(cdtype) * c.to(cdtype)
-    if bias is not None:
-        y = y + bias.to(cdtype)
-    return y.to(x.dtype)
+        return dora_linear_ref(*args)
+    from .dora_triton import dora_linear_triton  # imports no triton until it launches
+
+    c = magnitude / weight_norm.detach().to(magnitude.dtype)  # differentiable in the magnitude
+    kernel = lambda: dora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, c)  # noqa: E731
+    return _registry.call("lora_linear", backend, kernel, lambda: dora_linear_ref(*args), str(x.device))
