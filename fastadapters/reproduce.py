@@ -37,6 +37,7 @@ from .reproduce_report import (  # noqa: F401 - re-exported
     chance_accuracy,
     format_markdown,
     plot_results,
+    append_result,
     read_results,
     write_results,
 )
@@ -552,11 +553,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         record["loadavg_1min"] = os.getloadavg()[0]  # the machine's load when the row finished (shared machines)
         record.update(device=device, **versions, date=date)
         results.append(record)
-        write_results(results_path, [*results, *[r for r in done if r["row"] not in {x["row"] for x in results}]])
+        append_result(results_path, record)
         outer.write(f"[reproduce] {row.name}: " + ", ".join(f"{t} {record[f'acc_{t}']:.3f}" for t in tasks)
                     + (f" | train {record['train_seconds']:.0f} s" if row is not BASE else ""))
     outer.close()
-    print(write_report(args.out, results, tasks, args.study))
+    print(write_report(args.out, read_results(results_path) or results, tasks, args.study))
     print(f"[reproduce] {len(results)} rows in {time.perf_counter() - t_start:.0f} s (this invocation); "
           f"results.csv, results.md and results.png in {args.out}")
     return results

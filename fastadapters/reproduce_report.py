@@ -45,6 +45,19 @@ def write_results(path: str, rows: Sequence[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
+def append_result(path: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add (or replace, by row name) one finished row in the CSV at `path`, under an exclusive lock, re-reading the
+    file first: several processes running disjoint --rows into one --out keep each other's rows. Returns the rows."""
+    import fcntl
+
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows: list[dict[str, Any]] = [r for r in read_results(path) if r["row"] != record["row"]]
+        rows.append(record)
+        write_results(path, rows)
+    return rows
+
+
 def _f(x: Any, fmt: str = ".3f") -> str:
     try:
         return format(float(x), fmt)
@@ -77,12 +90,21 @@ def format_markdown(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
                      + f" | {sum(vals) / len(vals):.3f} | - | - | - | - |")
     if rows:
         r0 = rows[0]
+        trained = [r for r in rows if r["row"] != "base"]
         n = ", ".join(f"{t} {r0.get(f'n_{t}', '?')}" for t in tasks)
         lines.append("")
-        lines.append(f"Model {r0.get('model')}; preset {r0.get('preset')}; {r0.get('n_train_total')} training records "
-                     f"({r0.get('steps')} steps of {r0.get('batch_size')}), test records per task: {n}; greedy "
-                     f"decoding. Machine: {r0.get('machine')}; torch {r0.get('torch')}, transformers "
-                     f"{r0.get('transformers')}; {r0.get('date')}, commit {r0.get('commit')}.")
+        train = ""
+        if trained:
+            t0 = trained[0]
+            train = (f"each adapter trained on the same {t0.get('n_train_total')} training records ({t0.get('steps')} "
+                     f"steps of {t0.get('batch_size')}); ")
+        commits = sorted({str(r.get("commit")) for r in rows})
+        dates = sorted({str(r.get("date")) for r in rows})
+        loads = [float(r["loadavg_1min"]) for r in rows if r.get("loadavg_1min") not in (None, "")]
+        load = f" (1-min load average {min(loads):.0f}-{max(loads):.0f} when rows finished)" if loads else ""
+        lines.append(f"Model {r0.get('model')}; preset {r0.get('preset')}; {train}test records per task: {n}; "
+                     f"greedy decoding. Machine: {r0.get('machine')}{load}; torch {r0.get('torch')}, transformers "
+                     f"{r0.get('transformers')}; {', '.join(dates)}; commit {', '.join(commits)}.")
     return "\n".join(lines) + "\n"
 
 
