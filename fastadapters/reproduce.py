@@ -307,12 +307,12 @@ def settings_key(preset: Preset, tasks: Sequence[str], model: str, row: Row, ste
 # ---------------------------------------------------------------- the command
 
 def _help_costs() -> str:
-    return ("Cost with --preset cpu, measured 2026-12-05 on a shared 2-core AMD EPYC at load 11-17 (this process got "
-            "15-25% of one core; a quiet machine is several times faster): evaluating one row on the 4 x 25 test "
-            "records took about 20 min (base model: 8 min ARC-Easy, 4 boolq, 4 openbookqa, 4 mawps); training one "
-            "row: see train_seconds in benchmarks/results/reproduce/results.csv. types = base + 6 rows, placement = "
-            "base + 8 rows, hparams = base + 11 rows, each row costing about the same (prefix and prompt tuning a "
-            "little more per step: the backward runs through every layer).")
+    return ("Cost with --preset cpu, measured 2026-12-05 on a shared 2-core AMD EPYC at 1-min load average 11-17 "
+            "(this process got 15-25% of one core; a quiet machine is several times faster): evaluating the base "
+            "row on the 4 x 25 test records took 1661 s (411 CPU-s; ARC-Easy 8 min, boolq 4, openbookqa 4, mawps 11); "
+            "one training step of 4 records took 180-350 s for LoRA (2 threads) and about 220 s for prefix tuning "
+            "(1 thread), so a trained row (8 steps + evaluation) takes an estimated 45-60 min there. The types study is base + "
+            "6 such rows, placement base + 8, hparams base + 11.")
 
 
 def _row_table() -> str:
