@@ -22,7 +22,8 @@ Each kernel module may define `dispatch_space(arch: str, full: bool = False) -> 
     name starts with "bwd" or names a gradient (dx, dA, dB, dW, wgrad, dkdv, dq) is backward; the rest forward.
   * `#main`: a GEMM-sized main loop whose N is a model dimension (or a tile of one). Gated in CI
     (tests/test_static_report.py): on sm_90 at least one wgmma in the kernel's loops, every such wgmma N >= 64, no
-    ptxas C7515; on sm_8x mma.sync in the loops. Loops whose N is the LoRA rank or a decode row count (shrinks,
+    ptxas C7515; on sm_8x mma.sync in the loops (except where the activation itself is fp32: an fp32 model's
+    exact dots run on CUDA cores by design). Loops whose N is the LoRA rank or a decode row count (shrinks,
     BGMV) are not `#main`: they are memory-bound by design.
   * `@<shape>`: the benchmark shape, fields joined by "-": `@M4096-K4096-N4096-r16-p0.05-bf16`,
     `@M16384-d4096-b256-bf16-fp32w`, `@B8-H32-L2048-D128-P30-bf16`. All launches of one op with the same shape are
@@ -307,10 +308,18 @@ def kernel_module(op: str) -> Any:
     name = MODULES[op]
     for mod in (f"fastadapters.kernels.{name}_launch", f"fastadapters.kernels.{name}", f"kernels.{name}"):
         try:
-            return importlib.import_module(mod)
+            m = importlib.import_module(mod)
         except ImportError:
             continue
-    raise ImportError(f"no kernel module for {op}")
+        if _in_checkout(m):
+            return m
+    raise ImportError(f"no kernel module for {op} in {ROOT}")
+
+
+def _in_checkout(mod: Any) -> bool:
+    """Whether `mod` was loaded from this checkout (an editable install of another one maps fastadapters.kernels.*
+    to its own files: a worktree of an older commit must not report the newer kernels)."""
+    return Path(getattr(mod, "__file__", "") or "").resolve().is_relative_to(ROOT)
 
 
 @contextlib.contextmanager
@@ -320,6 +329,8 @@ def _target(arch: str) -> Iterator[None]:
     try:
         cfgmod = importlib.import_module("fastadapters.kernels._configs")
     except ImportError:
+        cfgmod = None
+    if cfgmod is None or not _in_checkout(cfgmod):
         yield
         return
     tgt = cfgmod.ARCHS.get(arch)
@@ -483,10 +494,15 @@ def space_entries(op: str, arch: str, full: bool, sm90) -> list[Entry] | None:
     """The op module's own `dispatch_space(arch, full)` in the labelling convention, or None when it has none."""
     K = kernel_module(op)
     fn = getattr(K, "dispatch_space", None)
-    if fn is None:
-        return None
-    with _target(arch):
-        space = fn(arch, full)
+    legacy = fn is None
+    if legacy:  # before dispatch_space(arch): the sm_90 space, main loops named by kernel
+        fn = getattr(K, "sm90_dispatch_space", None)
+        if fn is None or arch != "sm_90":
+            return None
+        space = fn(full)
+    else:
+        with _target(arch):
+            space = fn(arch, full)
     is_main = getattr(K, "is_main_loop", None)
     out = []
     for item in space:
@@ -501,6 +517,11 @@ def space_entries(op: str, arch: str, full: bool, sm90) -> list[Entry] | None:
                 parsed["main"] = parsed["main"] or bool(is_main(label))
             except Exception:  # noqa: BLE001 -- a label its own helper cannot read: the label's flag stands
                 pass
+        if legacy:
+            kern = item["fn"] if isinstance(item, dict) else item.kernel
+            kw = item["constexprs"] if isinstance(item, dict) else item.kwargs
+            parsed["main"] = _legacy_main(_kernel_name(kern), kw)
+            parsed["direction"] = "bwd" if "bwd" in _kernel_name(kern) else "fwd"
         spec = sm90.as_spec(label, item)
         if isinstance(item, dict):
             flops, nbytes, info, cfg = None, 0.0, {}, f"w{item.get('num_warps')}s{item.get('num_stages')}"
@@ -619,7 +640,7 @@ def gate_problems(e: Entry) -> list[str]:
         return out
     if r.serialized:
         out.append("ptxas C7515: wgmma serialized")
-    if e.main:
+    if e.main and not fp32_model(e):
         if r.arch == "sm_90":
             if not any(k.startswith("wgmma") for k in r.mma_loop):
                 out.append(f"main loop not on wgmma ({r.mma_summary})")
@@ -628,6 +649,14 @@ def gate_problems(e: Entry) -> list[str]:
         elif r.arch in ("sm_80", "sm_86", "sm_89") and not any(k.startswith("mma.sync") for k in r.mma_loop):
             out.append(f"main loop not on tensor cores ({r.mma_summary})")
     return out
+
+
+def fp32_model(e: Entry) -> bool:
+    """The launch's first tensor (the activation: x, h, q, dy) is fp32: an fp32 model, whose exact fp32 dots
+    ("ieee", torch's "highest") run on CUDA cores by design; the MMA gates are for bf16/fp16 models."""
+    sig = (e.spec or {}).get("signature", {})
+    first = next((t for t in sig.values() if t.startswith("*")), "")
+    return first.split(":")[0] == "*fp32"
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -709,14 +738,15 @@ def _versions() -> str:
     return f"triton {triton.__version__}, torch {torch.__version__}, Python {sys.version.split()[0]}"
 
 
-def build(ops: list[str], archs: list[str], preset: str, workers: int) -> tuple[list[dict], list[dict], dict]:
+def build(ops: list[str], archs: list[str], preset: str, workers: int,
+          space: str = "sm_90") -> tuple[list[dict], list[dict], dict]:
     """(detail rows, summary rows, per-(op, arch) source) for every op x arch (compiling as it goes)."""
     sm90 = _import_harness()
     detail, summary = [], []
     for arch in archs:
         for op in ops:
             t0 = time.perf_counter()
-            entries, source = collect(op, arch, preset, sm90)
+            entries, source = collect(op, arch, preset, sm90, space == "all" or space == arch)
             compile_entries(entries, arch, workers, sm90)
             detail += rows_for(entries, arch)
             summary += summary_rows(op, arch, preset, entries, source)
@@ -761,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="parallel compile workers (at most 2 on the CI machine)")
     p.add_argument("--out", default=str(OUT_DIR))
     p.add_argument("--name", default="report", help="file stem under --out")
+    p.add_argument("--space", default="sm_90", choices=("sm_90", "all", "none"),
+                   help="where to also compile each op's dispatch_space (odd shapes, variants); elsewhere the "
+                        "benchmark-shape calls only")
     a = p.parse_args(argv)
     ops, archs = a.ops.split(","), a.archs.split(",")
     for x in ops:
@@ -772,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown arch {x!r}: choose from {', '.join(ARCHS)}", file=sys.stderr)
             return 2
     os.environ.pop("TRITON_INTERPRET", None)
-    detail, summary, _ = build(ops, archs, a.preset, min(2, max(1, a.workers)))
+    detail, summary, _ = build(ops, archs, a.preset, min(2, max(1, a.workers)), a.space)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in ((f"{a.name}.csv", detail), (f"{a.name}_summary.csv", summary)):
