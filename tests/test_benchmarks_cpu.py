@@ -181,7 +181,7 @@ def test_quick_preset_is_the_issue_s_model_and_decode_geometry():
 
 
 def test_unknown_op_is_refused_with_the_choices():
-    with pytest.raises(SystemExit, match="choose from lora,bottleneck"):
+    with pytest.raises(SystemExit, match="--ops nope: unknown; choose from lora,dora,bottleneck,"):
         run.select("lora,nope")
     assert run.select("decode,lora") == ["lora", "decode"]  # registry order
 
