@@ -281,9 +281,10 @@ def analyse_ptx(ptx: str) -> dict[str, Any]:
     """MMA kinds (in loops / anywhere), fma.rn.f32 and wgmma.wait_group depths in loops, TMA and cp.async counts."""
     lines = ptx.splitlines()
     in_loop, inside = [False] * len(lines), False
-    for i, line in enumerate(lines):  # a block starts at a label or "// %bb.N:"; LLVM marks loop blocks
-        if _BLOCK.match(line):
-            inside = "Loop Header" in line or "in Loop:" in line
+    for i, line in enumerate(lines):  # a block starts at a label or "// %bb.N:"; LLVM marks loop blocks (the
+        if _BLOCK.match(line):        # mark wraps to the next line, alone, after a long label)
+            mark = line + (lines[i + 1] if i + 1 < len(lines) and lines[i + 1].lstrip().startswith("//") else "")
+            inside = "Loop Header" in mark or "in Loop:" in mark
         in_loop[i] = inside
     mma_loop, mma_all, n_mma_loop, n_fma, waits = set(), set(), 0, 0, []
     for i, line in enumerate(lines):
@@ -487,7 +488,7 @@ def selftest_matmul_kernel(p_a, p_b, p_c, M, N, K,  # p_a: (M, K), p_b: (K, N), 
     for k0 in range(0, K, BLOCK_K):
         b_a = tl.load(p_a + o_m[:, None] * K + (k0 + o_k)[None, :], mask=(o_m < M)[:, None], other=0.0)
         b_b = tl.load(p_b + (k0 + o_k)[:, None] * N + o_n[None, :], mask=(o_n < N)[None, :], other=0.0)
-        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PREC)
+        b_acc = tl.dot(b_a.to(b_b.dtype), b_b, b_acc, input_precision=DOT_PREC)  # bf16 x fp32: widened, as old bottleneck
     tl.store(p_c + o_m[:, None] * N + o_n[None, :], b_acc, mask=(o_m < M)[:, None] & (o_n < N)[None, :])
 
 
