@@ -80,7 +80,7 @@ def forced_target() -> Target | None:
     return _forced
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_target(index: int) -> Target:
     props = torch.cuda.get_device_properties(index)
     cap = (props.major, props.minor)
@@ -113,7 +113,7 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(name: str) -> dict[str, Any]:
     path = Path(os.environ.get("FASTADAPTERS_CONFIG_DIR", TABLE_DIR)) / f"{device_slug(name)}.json"
     if not path.is_file():

@@ -28,7 +28,8 @@ import triton
 
 from ._common import Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
+from ._configs import Target, shape_bucket, target, tuned, use_target
+from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
 from .bottleneck import ACTIVATIONS, _bottleneck_bwd_dx_kernel, _bottleneck_bwd_w_kernel, _bottleneck_fwd_kernel
 from .bottleneck_configs import (
     INTERPRETER_ROW,
@@ -378,45 +379,6 @@ ODD_SHAPES = ((37, 72, 40, 5), (1000, 4104, 4104, 100), (1000, 1000, 1032, 1000)
 _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _constexprs(kernel) -> set[str]:
-    params = getattr(kernel, "params", None)
-    if params is not None:  # JITFunction
-        return {p.name for p in params if p.is_constexpr}
-    import inspect
-
-    sig = inspect.signature(getattr(kernel, "fn", kernel))
-    return {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-
-
-def compile_key(launch: Launch) -> tuple:
-    """What makes two launches compile to the same binary (Triton's runtime specialisation: constexprs, dtypes,
-    integers equal to 1 or divisible by 16, the launch's warps and stages)."""
-    consts = _constexprs(launch.kernel)
-    key = [getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", str(launch.kernel)), launch.num_warps,
-           launch.num_stages]
-    for name, v in sorted(launch.kwargs.items()):
-        if isinstance(v, torch.Tensor):
-            key.append((name, str(v.dtype)))
-        elif name in consts or isinstance(v, bool):
-            key.append((name, v))
-        elif isinstance(v, int) and name != "seed":
-            key.append((name, v == 1, v % 16 == 0, -(2**31) <= v < 2**31))
-        else:
-            key.append((name, type(v).__name__))
-    return tuple(key)
-
-
-def _arch_target(arch: str) -> Target:
-    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
-    (benchmarks/static.py builds one for sm_100)."""
-    if arch in ARCHS:
-        return ARCHS[arch]
-    forced = forced_target()
-    if forced is not None and forced.arch == arch:
-        return forced
-    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
-
-
 def _cfg_tag(launch: Launch) -> str:
     kw = launch.kwargs
     dims = "x".join(str(kw[k]) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N", "BLOCK_J") if k in kw)
@@ -478,7 +440,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     (every feature on: dropout, both biases, learned scale, all gradients). full: fp16 and fp32 models too, and
     every padded bottleneck 16..1024 at M = 4096, d = 4096 and its unaligned twin (d = 4104, b = B - 3).
     """
-    tgt = _arch_target(arch)
+    tgt = arch_target(arch)
     global _overrides
     outer, _overrides = _overrides, _Overrides()  # the configs a GPU would pick, not a test's fixed ones
     try:
@@ -508,26 +470,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     return out
 
 
-def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
-    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
-    seen: set[tuple] = set()
-    out = []
-    for label, launch in space:
-        key = compile_key(launch)
-        if key not in seen:
-            seen.add(key)
-            out.append((label, launch))
-    return out
-
-
 def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
     """dispatch_space("sm_90", full): kept for the callers written before the per-arch space."""
     return dispatch_space("sm_90", full)
 
-
-def is_main_loop(label: str) -> bool:
-    """Whether a dispatch_space label is a GEMM-sized main loop with a model dimension as N (the wgmma N >= 64
-    gate): "#main" in the label, i.e. fwd / dx / wgrad at the benchmark shapes on a 16-bit model. The odd shapes
-    are compiled and checked for resources, not held to the gate: b = 5 pads to 16 (phase-1 MMA N = 16, by design)
-    and unaligned sizes take small correct-not-tuned tiles."""
-    return "#main" in label.split("@", 1)[0]

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from .lora_ref import apply_dropout_mask
 
-
 _UPCAST_ELEMENTS = 1 << 22  # rows of a low-precision W upcast at once in dora_norm_ref (16 MiB of fp32)
 
 

@@ -18,7 +18,8 @@ import triton
 
 from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
+from ._configs import shape_bucket, target, tuned, use_target
+from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
 from .lora import _lora_linear_kernel, _lora_shrink_kernel
 from .lora_configs import (
     INTERPRETER_GEMM,
@@ -342,45 +343,6 @@ ODD_SHAPES = ((37, 72, 40, 5), (1000, 4095, 4097, 13))
 RANK_SHAPES = ((4096, 4096, 4096, 256),)  # the largest rank: the widest shrink accumulator
 
 
-def _constexprs(kernel) -> set[str]:
-    params = getattr(kernel, "params", None)
-    if params is not None:  # JITFunction
-        return {p.name for p in params if p.is_constexpr}
-    import inspect
-
-    sig = inspect.signature(getattr(kernel, "fn", kernel))
-    return {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-
-
-def _compile_key(launch: Launch) -> tuple:
-    """What makes two launches compile to the same binary (Triton's runtime specialisation: constexprs, dtypes,
-    integers equal to 1 or divisible by 16, the launch's warps and stages)."""
-    consts = _constexprs(launch.kernel)
-    key = [getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", str(launch.kernel)), launch.num_warps,
-           launch.num_stages]
-    for name, v in sorted(launch.kwargs.items()):
-        if isinstance(v, torch.Tensor):
-            key.append((name, str(v.dtype)))
-        elif name in consts or isinstance(v, bool):
-            key.append((name, v))
-        elif isinstance(v, int) and name != "seed":
-            key.append((name, v == 1, v % 16 == 0, -(2**31) <= v < 2**31))
-        else:
-            key.append((name, type(v).__name__))
-    return tuple(key)
-
-
-def _arch_target(arch: str) -> Target:
-    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
-    (benchmarks/static.py builds one for sm_100)."""
-    if arch in ARCHS:
-        return ARCHS[arch]
-    forced = forced_target()
-    if forced is not None and forced.arch == arch:
-        return forced
-    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
-
-
 def _cfg_tag(launch: Launch) -> str:
     kw = launch.kwargs
     if "BLOCK_ROW" in kw:
@@ -403,7 +365,7 @@ def _record(arch: str, dtype: torch.dtype, shape: tuple[int, int, int, int], p: 
     A = torch.empty((r, K), device=meta, dtype=dtype)
     B = torch.empty((N, r), device=meta, dtype=dtype)
     dy = torch.empty((M, N), device=meta, dtype=dtype)
-    with use_target(_arch_target(arch)), use_configs(base=base), record_launches() as rec:
+    with use_target(arch_target(arch)), use_configs(base=base), record_launches() as rec:
         start = len(_roles)
         _, xa = lora_linear_fwd(x, W, b, A, B, 2.0, p, seed=1234)
         lora_linear_bwd(dy, x, W, A, B, xa, 2.0, p, 1234, need_dW=True, need_db=True)
@@ -433,7 +395,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     and M = 256 (its two tile rules), the odd shapes and rank 256 in bf16. full: fp16 too, p = 0 and 0.05, every
     shape on both paths, ranks 16..256 at M = 4096. `distinct_compiles(space)`: one entry per distinct binary.
     """
-    tgt = _arch_target(arch)
+    tgt = arch_target(arch)
     global _overrides
     outer, _overrides = _overrides, _Overrides()  # the configs a GPU would pick, not a test's fixed ones
     out: list[tuple[str, Launch]] = []
@@ -459,26 +421,9 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     return out
 
 
-def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
-    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
-    seen: set[tuple] = set()
-    out = []
-    for label, launch in space:
-        key = _compile_key(launch)
-        if key not in seen:
-            seen.add(key)
-            out.append((label, launch))
-    return out
-
-
 def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
     """dispatch_space("sm_90", full): kept for the callers written before the per-arch space."""
     return dispatch_space("sm_90", full)
-
-
-def is_main_loop(label: str) -> bool:
-    """Whether a dispatch_space label is a GEMM-sized main loop with N a model dimension (the wgmma N gate)."""
-    return "#main" in label.split("@")[0]
 
 
 def role_of(label: str) -> str:

@@ -18,7 +18,8 @@ import triton
 
 from ._common import INTERPRETED, Launch, LaunchRecorder
 from ._common import dot_precision as _dot_precision
-from ._configs import ARCHS, Target, forced_target, shape_bucket, target, tuned, use_target
+from ._configs import shape_bucket, target, tuned, use_target
+from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
 from .multi_lora import _multi_lora_expand_kernel, _multi_lora_shrink_kernel
 from .multi_lora_configs import (
     DECODE_MAX_M,
@@ -206,17 +207,6 @@ BENCH_SHAPES = ((32, 4096, 4096), (16384, 4096, 4096), (32, 4096, 11008))
 ODD_SHAPES = ((37, 72, 40),)
 
 
-def _arch_target(arch: str) -> Target:
-    """The Target of `arch`: kernels._configs.ARCHS, or the forced target when it names an arch not in that table
-    (benchmarks/static.py builds one for sm_100)."""
-    if arch in ARCHS:
-        return ARCHS[arch]
-    forced = forced_target()
-    if forced is not None and forced.arch == arch:
-        return forced
-    raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
-
-
 def _record(arch: str, dtype: torch.dtype, M: int, K: int, N: int, r: int, n: int) -> tuple[Launch, Launch]:
     meta = dict(device="meta")
     x = torch.empty(M, K, dtype=dtype, **meta)
@@ -225,7 +215,7 @@ def _record(arch: str, dtype: torch.dtype, M: int, K: int, N: int, r: int, n: in
     s = torch.empty(n, dtype=torch.float32, **meta)
     out = torch.empty(M, N, dtype=dtype, **meta)
     idx = torch.empty(M, dtype=torch.int64, **meta)
-    with use_target(_arch_target(arch)), record_launches() as rec:
+    with use_target(arch_target(arch)), record_launches() as rec:
         multi_lora_fwd(x, A, B, s, idx, out)
     shrink, expand = rec
     return shrink, expand
@@ -248,7 +238,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     adapters, the widest segment search), fp16 at 16, fp32 at 16 and 256, the odd shape in bf16; full: every dtype
     at every rank pad 16..256. `distinct_compiles(space)`: one entry per distinct binary.
     """
-    _arch_target(arch)  # an unknown arch fails here, with the list of known ones
+    arch_target(arch)  # an unknown arch fails here, with the list of known ones
     global _override, _override_split
     outer, (_override, _override_split) = (_override, _override_split), (None, None)
     out: list[tuple[str, Launch]] = []
@@ -270,34 +260,6 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
                         out.append((f"multi_lora/{kind}@{tag}:{_cfg_tag(launch)}", launch))
     finally:
         _override, _override_split = outer
-    return out
-
-
-def _compile_key(launch: Launch) -> tuple:
-    """What makes two launches compile to the same binary: constexprs, dtypes, integers equal to 1 or divisible by
-    16 (Triton's runtime specialisation), warps and stages."""
-    consts = {p.name for p in getattr(launch.kernel, "params", ()) if p.is_constexpr}
-    key: list = [getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", ""), launch.num_warps,
-                 launch.num_stages]
-    for name, v in sorted(launch.kwargs.items()):
-        if isinstance(v, torch.Tensor):
-            key.append((name, str(v.dtype)))
-        elif name in consts or name.isupper() and name not in ("R", "K", "N") or isinstance(v, bool):
-            key.append((name, v))
-        elif isinstance(v, int):
-            key.append((name, v == 1, v % 16 == 0))
-    return tuple(key)
-
-
-def distinct_compiles(space: list[tuple[str, Launch]]) -> list[tuple[str, Launch]]:
-    """The entries of a dispatch space that compile to distinct binaries (the first label of each)."""
-    seen: set[tuple] = set()
-    out = []
-    for label, launch in space:
-        key = _compile_key(launch)
-        if key not in seen:
-            seen.add(key)
-            out.append((label, launch))
     return out
 
 

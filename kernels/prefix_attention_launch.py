@@ -23,6 +23,7 @@ import triton
 
 from ._common import INTERPRETED, Launch, LaunchRecorder, dot_precision
 from ._configs import ARCHS, target, tuned, use_target
+from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
 from .prefix_attention import (
     LOG2E,
     _prefix_attn_bwd_dq_kernel,
@@ -330,34 +331,6 @@ FULL_ODD_SHAPES = ((2, 4, 4, 37, 37, 16, 5, True, True), (2, 4, 2, 100, 100, 32,
                    (2, 8, 4, 129, 129, 256, 9, True, True), (1, 32, 32, 1, 2048, 128, 30, True, False))
 
 
-def _constexpr_names(kernel) -> set[str]:
-    params = getattr(kernel, "params", None)
-    if params is not None:  # JITFunction
-        return {p.name for p in params if p.is_constexpr}
-    import inspect
-
-    sig = inspect.signature(getattr(kernel, "fn", kernel))
-    return {n for n, p in sig.parameters.items() if "constexpr" in str(p.annotation)}
-
-
-def _compile_key(launch: Launch) -> tuple:
-    """What makes two launches compile to the same binary (constexprs, dtypes, integers equal to 1 or divisible
-    by 16, warps and stages), as Triton's runtime specialises."""
-    consts = _constexpr_names(launch.kernel)
-    key = [getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", str(launch.kernel)), launch.num_warps,
-           launch.num_stages]
-    for name, v in sorted(launch.kwargs.items()):
-        if isinstance(v, torch.Tensor):
-            key.append((name, str(v.dtype)))
-        elif name in consts or isinstance(v, bool):
-            key.append((name, v))
-        elif isinstance(v, int):
-            key.append((name, v == 1, v % 16 == 0, -(2**31) <= v < 2**31))
-        else:
-            key.append((name, type(v).__name__))
-    return tuple(key)
-
-
 def _record(arch: str, dtype: torch.dtype, B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, P: int,
             causal: bool = True, kpm: bool = False, odd: bool = False) -> list[tuple[str, Launch]]:
     """(label, launch) of one call (forward + backward) per backward mode at one shape, recorded on meta tensors as
@@ -422,7 +395,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
     out: list[tuple[str, Launch]] = []
     for run in runs:
         for label, launch in run:
-            key = _compile_key(launch)
+            key = compile_key(launch)
             if key not in seen:
                 seen.add(key)
                 out.append((label, launch))
@@ -433,7 +406,3 @@ def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
     """dispatch_space("sm_90", full): kept for the callers written before the per-arch space."""
     return dispatch_space("sm_90", full)
 
-
-def is_main_loop(label: str) -> bool:
-    """Whether a dispatch_space label is a GEMM-sized main loop with N a model dimension (the wgmma N gate)."""
-    return "#main@" in label

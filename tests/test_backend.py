@@ -303,7 +303,8 @@ def test_auto_falls_back_once_when_a_kernel_fails_to_compile(fake_kernels, recwa
     _registry.register_kernel("lora_linear", "triton", broken)
     args = lora_args()
     with pytest.warns(RuntimeWarning, match=r"the triton kernel of lora_linear failed to compile or launch on cpu "
-                                            r"\(FakeCompileError: out of resources.*FASTADAPTERS_BACKEND=lora_linear=torch"):
+                                            r"\(FakeCompileError: out of resources.*"
+                                            r"FASTADAPTERS_BACKEND=lora_linear=torch"):
         y = fa.ops.lora_linear(*args)
     assert torch.equal(y, lora_ref(*args)) and len(tried) == 1
     y = fa.ops.lora_linear(*args)  # dropped for this device: no second try, no second warning

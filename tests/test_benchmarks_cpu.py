@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import subprocess
-import sys
 import textwrap
 import types
 from pathlib import Path

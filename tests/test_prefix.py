@@ -382,9 +382,8 @@ def test_wrong_checkpoint_shape_names_the_tensor():
 def test_attaching_a_prefix_does_not_change_the_callers_config():
     """A second model built from the same config object after attaching a prefix adapter to the first runs plain
     attention: the adapter changes only the adapted model's own (private) config."""
-    from tiny_models import tiny_config
-
     import transformers as tf
+    from tiny_models import tiny_config
 
     cfg = tiny_config("llama")
     torch.manual_seed(0)

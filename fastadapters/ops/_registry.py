@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..backend import BACKENDS, ENV, OPS, backend_for, dispatching
+
 KERNEL_BACKENDS = ("triton", "cuda")
 AUTO_ORDER = ("cuda", "triton")
 

@@ -30,8 +30,9 @@ def lora_linear(
     (lora_alpha / r, or / sqrt(r) with rsLoRA). Dropout (on the LoRA branch only) is applied when dropout_p > 0
     and training: a Bernoulli keep-mask scaled by 1/(1-p), from torch's RNG, or from a generator seeded with
     `seed` (same seed, same mask). All tensors share x's dtype and device. Returns y: (..., N) in x's dtype.
-    Runs the backend of fastadapters.get_backend("lora_linear"). A kernel flagged `generates_dropout_mask` (the "triton" one)
-    gets (dropout_p, seed) and draws its own mask (Philox: a different mask than the reference's for one seed).
+    Runs the backend of fastadapters.get_backend("lora_linear"). A kernel flagged `generates_dropout_mask` (the
+    "triton" one) gets (dropout_p, seed) and draws its own mask (Philox: a different mask than the reference's for
+    one seed).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, 2)
