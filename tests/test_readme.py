@@ -11,7 +11,7 @@ TOP = {p.name for p in REPO.iterdir() if not p.name.startswith(".")}
 
 
 def referenced_paths() -> set[str]:
-    """Markdown link targets and `code` spans that look like paths inside the repo (or outside it: ../)."""
+    """Markdown link targets, and `code` spans that look like paths inside the repo."""
     links = re.findall(r"\]\(([^)#\s]+)\)", README)
     spans = [s.split()[0] for s in re.findall(r"`([^`\n]+)`", README) if s.split()]
     out = set()
@@ -19,8 +19,9 @@ def referenced_paths() -> set[str]:
         p = p.rstrip(".,:;")
         if "://" in p or p.startswith(("-", "$", "~")) or "*" in p or "<" in p or "YYYY" in p:
             continue
-        if p.startswith("../") or (("/" in p) and p.split("/")[0] in TOP):
-            out.add(p)
+        outside = p.startswith("../") and (p in links or Path(p).suffix)  # a document or file out of the repo
+        if outside or (("/" in p) and p.split("/")[0] in TOP):
+            out.add(p)  # (a folder named as a default, such as --data_path's, may sit outside)
     return out
 
 
