@@ -14,9 +14,8 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ $# -gt 0 ]; then SETS=${FASTADAPTERS_TEST_SETS:-pinned}; else SETS=${FASTADAPTERS_TEST_SETS:-pinned latest}; fi
-COMPAT="tests/test_layout.py tests/test_lora.py tests/test_lora_peft.py tests/test_dora_peft.py tests/test_prefix.py
-  tests/test_prompt.py tests/test_model.py tests/test_train.py tests/test_trainer.py tests/test_trl.py
-  tests/test_kernels_lora.py tests/test_kernels_bottleneck.py tests/test_kernels_prefix_attention.py
+COMPAT="tests/test_layout.py tests/test_lora_peft.py tests/test_dora_peft.py tests/test_prefix.py tests/test_prompt.py
+  tests/test_model.py tests/test_train.py tests/test_trainer.py tests/test_trl.py tests/test_kernels_lora.py
   tests/test_model_kernels.py tests/test_backend.py"
 PYTEST=(-m pytest -q -p no:cacheprovider --timeout=600 --durations=5)
 status=0
