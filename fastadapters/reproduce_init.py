@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 INIT_TEXT = "Please choose the correct answer to the question. Answer format: the correct answer is"
 
 

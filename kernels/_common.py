@@ -55,6 +55,11 @@ class Launch:
         self.kernel[self.grid](**self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on t's GPU (Triton launches on the current device); nothing for CPU or meta tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class LaunchRecorder:
     """A kernel module's launch switch: `launch` runs a kernel, or, inside `record()`, appends the `Launch` it would
     make instead (the launchers then run on "meta" tensors to list every (kernel, arguments, config) a call

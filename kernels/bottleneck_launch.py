@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._common import Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
+from ._common import Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask, on_device
 from ._common import dot_precision as _dot_precision
 from ._configs import Target, shape_bucket, target, tuned, use_target
 from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
@@ -111,11 +111,6 @@ def record_launches() -> Iterator[list[Launch]]:
             del _roles[start:]
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on t's GPU (Triton launches on the current device); nothing for CPU or meta tensors."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
     """2-D with unit inner stride (the kernels take a row stride only)."""
     if t.dim() != 2:
@@ -185,7 +180,7 @@ def bottleneck_fwd(
     a = torch.empty((M if save_pre else 0, nb), device=dev, dtype=dt)
     if M == 0:
         return y, pre, a
-    with _on_device(h):
+    with on_device(h):
         down_weight, up_weight = _weights(down_weight, up_weight, dt)
         dropout = dropout_p > 0.0
         thr, rescale = dropout_threshold(dropout_p) if dropout else (0, 1.0)
@@ -272,7 +267,7 @@ def bottleneck_bwd(
                 (torch.zeros_like(scale) if learned else zeros(dtype=torch.float32)) if need_dscale else None)
 
     dbp = dsp = dup = ddn = csum = g = dh = None
-    with _on_device(h):
+    with on_device(h):
         down_weight, up_weight = _weights(down_weight, up_weight, dt)
         # -- dx kernel: t = dy W_u, g, dh and the per-tile partial sums
         if need_dh or need_ddown or need_ddown_bias or need_dscale:

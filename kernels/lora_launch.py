@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask
+from ._common import INTERPRETED, Launch, LaunchRecorder, dropout_threshold, launch_dropout_mask, on_device
 from ._common import dot_precision as _dot_precision
 from ._configs import shape_bucket, target, tuned, use_target
 from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
@@ -106,11 +106,6 @@ def record_launches() -> Iterator[list[Launch]]:
             del _roles[start:]
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on t's GPU (Triton launches on the current device); nothing for CPU or meta tensors."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def base_gemm_choice(M: int | None = None) -> str:
     """'cublas' (the default) or 'fused': use_configs(base=...), else env FASTADAPTERS_LORA_GEMM.
 
@@ -188,7 +183,7 @@ def lora_shrink(inp: torch.Tensor, w: torch.Tensor, scale: float, *, seed: int =
         BLOCK_ROW=cfg.block_row, BLOCK_RED=cfg.block_red, R_PAD=rank_pad(R),
         HAS_DROPOUT=bool(dropout), TRANS_IN=bool(trans_in), DOT_PREC=_dot_precision(inp.dtype),
     )
-    with _on_device(inp):
+    with on_device(inp):
         _launch(role, _lora_shrink_kernel, (triton.cdiv(ROWS, cfg.block_row), split), kwargs, cfg.num_warps,
                 cfg.num_stages)
         # the partials, summed by one torch reduction: a fixed order for a fixed split (no atomics)
@@ -241,7 +236,7 @@ def lora_gemm(a: torch.Tensor | None, b: torch.Tensor | None, lr: torch.Tensor, 
         DOT_PREC=_dot_precision(dtype),
     )
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    with _on_device(out):
+    with on_device(out):
         _launch(role, _lora_linear_kernel, grid, kwargs, cfg.num_warps, cfg.num_stages)
     return out
 
@@ -261,7 +256,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     N = weight.shape[0]
     dropout = dropout_p > 0.0
     thr, rescale = dropout_threshold(dropout_p) if dropout else (0, 1.0)
-    with _on_device(x):
+    with on_device(x):
         xa = lora_shrink(x, lora_A, rescale, seed=seed, drop_thr=thr, dropout=dropout, kx=K, role="shrink_xa")
         if base_gemm_choice(M) == "cublas":
             if col_scale is not None:  # y = c * (x W^T + s xa B^T) + b: the bias after the scale
@@ -294,7 +289,7 @@ def lora_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     thr, rescale = dropout_threshold(dropout_p) if dropout else (0, 1.0)
     dx = dA = dB = dW = db = None
     drop = dict(seed=seed, drop_thr=thr, dropout=dropout)
-    with _on_device(dy):
+    with on_device(dy):
         dxa = None
         if need_dx or need_dA:
             dxa = lora_shrink(dy, lora_B.t(), scaling, role="shrink_dxa")  # (M, r) fp32: s dy B

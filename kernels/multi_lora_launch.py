@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._common import INTERPRETED, Launch, LaunchRecorder
+from ._common import INTERPRETED, Launch, LaunchRecorder, on_device
 from ._common import dot_precision as _dot_precision
 from ._configs import shape_bucket, target, tuned, use_target
 from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
@@ -166,10 +166,6 @@ def plan(x: torch.Tensor, lora_A_stack: torch.Tensor, lora_B_stack: torch.Tensor
     return shrink, expand
 
 
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def multi_lora_fwd(x: torch.Tensor, lora_A_stack: torch.Tensor, lora_B_stack: torch.Tensor, scalings: torch.Tensor,
                    token_adapter_idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[m] += s[i] (x[m] A_i^T) B_i^T for i = token_adapter_idx[m] in [0, n); other rows untouched.
@@ -186,7 +182,7 @@ def multi_lora_fwd(x: torch.Tensor, lora_A_stack: torch.Tensor, lora_B_stack: to
         raise ValueError(f"{n} adapters is above the Triton kernels' limit {MAX_ADAPTERS}: use the 'torch' backend")
     if M == 0 or N == 0 or n == 0 or R == 0:
         return out
-    with _on_device(x):
+    with on_device(x):
         cfg = config_for(M, rank_pad(R), x.dtype, x.device)
         g = group_tokens(token_adapter_idx, n, cfg.block_m)
         split = split_for(M, n, K, cfg, x.device)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 import triton
 
-from ._common import INTERPRETED, Launch, LaunchRecorder, dot_precision
+from ._common import INTERPRETED, Launch, LaunchRecorder, dot_precision, on_device
 from ._configs import ARCHS, target, tuned, use_target
 from ._space import arch_target, compile_key, distinct_compiles, is_main_loop  # noqa: F401 (public names)
 from .prefix_attention import (
@@ -87,11 +87,6 @@ def _kw(kernel, args: tuple, **constexprs) -> dict:
         raise TypeError(f"{kernel.__name__ if hasattr(kernel, '__name__') else kernel}: {len(args)} arguments for "
                         f"{len(names)} parameters")
     return dict(zip(names, args, strict=True), **constexprs)
-
-
-def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launch on t's GPU (Triton launches on the current device); nothing for CPU or meta tensors."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def deterministic_backward() -> bool:
@@ -165,7 +160,7 @@ def prefix_attention_fwd(
     key_padding_mask: (B, Lk) bool or None. Returns out (B, Hq, Lq, D) contiguous in q's dtype and lse (B, Hq, Lq)
     fp32. decode=None picks the split-K path for Lq <= DECODE_MAX_LQ; config / decode_chunk_size override the
     tiles and the split size (tests)."""
-    with _on_device(q):
+    with on_device(q):
         return _fwd(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, config, decode, decode_chunk_size)
 
 
@@ -250,7 +245,7 @@ def prefix_attention_bwd(
     P = 0 when there is no prefix. deterministic: None = `deterministic_backward()`; True = no atomics (the dq
     kernel recomputes S and dP), bitwise reproducible; False = atomic fp32 dQ. The prefix grads are summed over
     the batch by torch.sum over fp32 per-batch partials in both modes."""
-    with _on_device(q):
+    with on_device(q):
         return _bwd(dout, dlse, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
                     deterministic_backward() if deterministic is None else bool(deterministic), kv_config, dq_config)
 
