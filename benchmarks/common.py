@@ -94,7 +94,8 @@ def bench(fn: Callable[[], Any], device: torch.device | str, *, warmup_ms: float
     long enough that launch overhead does not matter (a training step, a generate()).
     CUDA otherwise: `triton.testing.do_bench(fn, warmup, rep, grad_to_none, quantiles=[0.5, 0.2, 0.8])`, which
     flushes the L2 cache between calls and times with CUDA events. CPU otherwise: a perf_counter loop (at least 3
-    calls, about `rep_ms` of them), good enough for smoke runs, not for numbers anyone should quote.
+    calls, about `rep_ms` of them), good enough for smoke runs, not for numbers anyone should quote; one call
+    under TRITON_INTERPRET=1 (the tests' CPU runs), where kernels take seconds and the time is only plumbing.
     """
     device = torch.device(device)
     if device.type == "cuda" and reps is None:
@@ -103,6 +104,8 @@ def bench(fn: Callable[[], Any], device: torch.device | str, *, warmup_ms: float
         p50, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                                 quantiles=list(QUANTILES))
         return Timing(float(p50), float(p20), float(p80))
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        reps, warmup = 1, 0  # kernels run in Triton's interpreter: seconds per call, and its times mean nothing
     for _ in range(warmup if reps is not None else 1):  # first-call allocations, lazy inits, autotuning
         _clear_grads(grad_to_none)
         fn()

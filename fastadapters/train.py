@@ -761,7 +761,19 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:  # bad input: one line, no traceback; real crashes keep theirs
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the torchrun process group down before the interpreter does: left to exit, gloo's worker threads
+    are destroyed while joinable and a rank can die with SIGABRT ("terminate called without an active
+    exception") after a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
