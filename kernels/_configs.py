@@ -31,7 +31,7 @@ import torch
 class Target:
     """What a launcher may assume about the GPU: arch family, opt-in shared memory per block, SMs, registers."""
 
-    arch: str  # "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", or "interpreter" (CPU)
+    arch: str  # "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", or "interpreter" (CPU)
     capability: tuple[int, int]
     max_shared: int  # bytes per block (opt-in)
     num_sms: int
@@ -44,8 +44,9 @@ class Target:
 
     @property
     def hopper(self) -> bool:
-        """wgmma / TMA available (sm_90 and newer datacenter parts)."""
-        return self.capability >= (9, 0)
+        """A datacenter part with Hopper-class tensor cores (wgmma on sm_90, tcgen05 on sm_100) and 227 KiB of shared
+        memory. Not sm_120 (RTX 50xx, RTX PRO Blackwell): newer, but mma.sync and 99 KiB like sm_89."""
+        return self.capability[0] in (9, 10)
 
 
 # Opt-in shared memory per block and a typical SM count per architecture (the SM count only sizes split-K grids
@@ -55,6 +56,8 @@ ARCHS: dict[str, Target] = {
     "sm_86": Target("sm_86", (8, 6), 101376, 84),  # A10, RTX 3090: 99 KiB
     "sm_89": Target("sm_89", (8, 9), 101376, 128),  # L4, L40S, RTX 4090: 99 KiB
     "sm_90": Target("sm_90", (9, 0), 232448, 132),  # H100, H200: 227 KiB
+    "sm_100": Target("sm_100", (10, 0), 232448, 148),  # B200: 227 KiB
+    "sm_120": Target("sm_120", (12, 0), 101376, 170),  # RTX 5090, RTX PRO 6000 Blackwell: 99 KiB
 }
 INTERPRETER = Target("interpreter", (0, 0), 1 << 30, 4)
 

@@ -102,8 +102,9 @@ def bottleneck_pad(b: int) -> int:
 
 
 def family(tgt: Target) -> str:
-    """'hopper' (sm_90+: 227 KiB, wgmma), 'ampere' (sm_80-class: >= 163 KiB) or 'small' (sm_86 / sm_89: 99 KiB)."""
-    if tgt.hopper:
+    """'hopper' (sm_90 / sm_100: 227 KiB), 'ampere' (sm_80-class: >= 163 KiB) or 'small' (sm_86 / sm_89 / sm_120:
+    99 KiB)."""
+    if tgt.hopper and tgt.max_shared >= ARCHS["sm_90"].max_shared:
         return "hopper"
     return "ampere" if tgt.max_shared >= ARCHS["sm_80"].max_shared else "small"
 

@@ -97,7 +97,7 @@ _INTERPRETER = (C(16, 16, 4, 1), C(16, 16, 4, 1), C(16, 16, 4, 1), 16)
 
 
 def _family(tgt: Target) -> str:
-    if tgt.capability >= (9, 0):
+    if tgt.hopper and tgt.max_shared >= 166912:
         return "sm_90"
     if tgt.capability >= (8, 6) or tgt.max_shared < 166912:
         return "sm_86"

@@ -56,13 +56,14 @@ import triton.language as tl
 
 # Per-arch limits: opt-in shared memory per block (bytes), registers per thread, compute capability. The sm_80..sm_90
 # values are kernels/_configs.py's ARCHS (read from there when the package imports; these are the same numbers, kept
-# here so the harness also runs against a checkout that predates _configs.py). sm_100 is not in ARCHS yet.
+# here so the harness also runs against a checkout that predates _configs.py).
 ARCH_LIMITS: dict[str, dict[str, int]] = {
     "sm_80": {"cap": 80, "max_shared": 166912, "max_regs": 255},
     "sm_86": {"cap": 86, "max_shared": 101376, "max_regs": 255},
     "sm_89": {"cap": 89, "max_shared": 101376, "max_regs": 255},
     "sm_90": {"cap": 90, "max_shared": 232448, "max_regs": 255},
     "sm_100": {"cap": 100, "max_shared": 232448, "max_regs": 255},
+    "sm_120": {"cap": 120, "max_shared": 101376, "max_regs": 255},
 }
 
 

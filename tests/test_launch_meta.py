@@ -9,11 +9,12 @@ it carries every kernel argument, that its grid fits CUDA's limits (x < 2^31, y 
 fails past 65535), and that the pipelined operand tiles it asks for fit the arch's shared memory (an estimate,
 num_stages x the per-stage operand tiles: the real compiles are in tests/test_static_report.py and
 tests/test_sm90_*.py). Forward and backward, bf16 / fp16 / fp32 (bottleneck: a bf16 model with fp32 adapter
-weights too), sm_80, sm_86, sm_89, sm_90 and sm_100. No compile: a few seconds.
+weights too), every arch of kernels/_configs.ARCHS (sm_80 to sm_120). No compile: a few seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -28,8 +29,7 @@ pytest.importorskip("triton")
 
 from fastadapters.kernels import _configs  # noqa: E402
 
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100")
-SM100 = _configs.Target("sm_100", (10, 0), 232448, 148)  # not in _configs.ARCHS yet: B200's limits
+ARCHS = tuple(_configs.ARCHS)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ELEM = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 META = torch.device("meta")
@@ -44,11 +44,11 @@ def _launch_module(name: str):
 
 
 def _target(arch: str):
-    return _configs.use_target(SM100 if arch == "sm_100" else arch)
+    return _configs.use_target(arch)
 
 
 def _limits(arch: str) -> int:
-    return SM100.max_shared if arch == "sm_100" else _configs.ARCHS[arch].max_shared
+    return _configs.ARCHS[arch].max_shared
 
 
 def m(*shape, dtype=torch.bfloat16):
@@ -191,3 +191,20 @@ def test_grid_check_fails_past_cudas_limits(grid, ok):
         arg_names: list[str] = []
 
     assert (check_launch(Launch(K, grid, {}, 4, 1), "sm_90") == []) is ok
+
+
+@pytest.mark.parametrize("op", ["lora", "multi_lora", "bottleneck", "prefix_attention"])
+def test_sm120_picks_the_sm86_tiles(op, monkeypatch):
+    """sm_120 (RTX 50xx, RTX PRO Blackwell) is newer than Hopper but has sm_86's 99 KiB and no wgmma: it must get
+    sm_86's tiles (whose real compiles are tested), never the 150-176 KiB Hopper ones (an out-of-resources crash).
+    Compared at sm_86's SM count, since grids and split counts follow the SM count."""
+    mod = importlib.import_module(f"fastadapters.kernels.{op}_launch")
+    sm86 = _configs.ARCHS["sm_86"]
+    monkeypatch.setitem(_configs.ARCHS, "sm_120", dataclasses.replace(_configs.ARCHS["sm_120"], num_sms=sm86.num_sms))
+
+    def plan(arch: str) -> list:
+        return [(label, L.grid, L.num_warps, L.num_stages,
+                 tuple((k, v) for k, v in L.kwargs.items() if not isinstance(v, torch.Tensor)))
+                for label, L in mod.dispatch_space(arch)]
+
+    assert plan("sm_120") == plan("sm_86")

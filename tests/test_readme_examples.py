@@ -1,7 +1,7 @@
 """The examples of README's "Using fastadapters with Trainer / TRL / accelerate / FSDP" section, run as written on
 a tiny Llama (only the MODEL line is replaced, and use_cpu=True added to TRL's configs, whose bf16 default
-needs it on a CPU-only machine): Trainer and TRL in-process, the torchrun and FSDP ones with 2 CPU
-processes (gloo)."""
+needs it on a CPU-only machine): Trainer and TRL in-process, the accelerate launch and FSDP ones with
+2 CPU processes (gloo)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_the_section_has_the_four_examples():
     assert [lang for lang, _ in examples()] == ["python", "python", "bash", "python"]
 
 
-def test_trainer_example_and_its_torchrun_launch(tiny, tmp_path, monkeypatch):
+def test_trainer_example_and_its_accelerate_launch(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _code(0, "python", tiny)
     exec(compile(code, "README:trainer", "exec"), {"__name__": "__main__"})
@@ -66,11 +66,13 @@ def test_trainer_example_and_its_torchrun_launch(tiny, tmp_path, monkeypatch):
     assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
 
-    # the DDP launch line, as written (torchrun -> python -m torch.distributed.run, the same launcher)
+    # the DDP launch line's accelerate form, as written (its torchrun form is what `fastadapters train` is
+    # tested with in test_train.py, and the FSDP example below); accelerate needs --multi_gpu on a CPU-only machine
     (tmp_path / "train.py").write_text(code.replace('"out/trainer"', '"out/ddp"'))
-    line = _code(2, "bash", tiny).split("#")[0].split()
-    assert line[:3] == ["torchrun", "--nproc_per_node", "2"] and line[-1] == "train.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *line[1:]]
+    torchrun, accelerate = (part.split() for part in _code(2, "bash", tiny).split("# or:"))
+    assert torchrun == ["torchrun", "--nproc_per_node", "2", "train.py"]
+    assert accelerate == ["accelerate", "launch", "--num_processes", "2", "train.py"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", *accelerate[2:]]
     env = {**_env(), "ACCELERATE_USE_CPU": "1"}  # as the README says for a machine without GPUs
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,3 +101,21 @@ def test_fsdp_example(tiny, tmp_path):
     saved = load_weights(tmp_path / "out" / "fsdp")
     assert saved and all("lora_" in k for k in saved)
     assert (tmp_path / "out" / "fsdp" / "ckpt" / ".metadata").exists()
+
+
+@pytest.mark.gpu
+def test_trainer_example_under_accelerates_fsdp2_plugin(tiny, tmp_path):
+    """accelerate's FSDP plugin (`accelerate launch --use_fsdp --fsdp_version 2`) on the Trainer example. accelerate
+    1.15-1.16 enables FSDP only on accelerator process groups (state.py: MULTI_GPU, XPU, ...): on a CPU it runs DDP
+    and says nothing, so this runs on a GPU only (one process is enough for the plugin's wrap and its save)."""
+    (tmp_path / "train.py").write_text(_code(0, "python", tiny).replace('"out/trainer"', '"out/fsdp"'))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+           "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", "1", "train.py"]
+    env = {**_env(), "FASTADAPTERS_BACKEND": "auto", "ACCELERATE_USE_FSDP": "true"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from fastadapters.checkpoint import load_weights
+
+    saved = load_weights(tmp_path / "out" / "fsdp")
+    assert saved and all("lora_" in k for k in saved), sorted(saved)[:5]
+    assert (tmp_path / "out" / "fsdp" / "checkpoint-4").is_dir()
