@@ -17,7 +17,12 @@ if [ $# -gt 0 ]; then SETS=${FASTADAPTERS_TEST_SETS:-pinned}; else SETS=${FASTAD
 COMPAT="tests/test_layout.py tests/test_lora_peft.py tests/test_dora_peft.py tests/test_prefix.py tests/test_prompt.py
   tests/test_model.py tests/test_train.py tests/test_trainer.py tests/test_trl.py tests/test_kernels_lora.py
   tests/test_model_kernels.py tests/test_backend.py"
-PYTEST=(-m pytest -q -p no:cacheprovider --timeout=600 --durations=5)
+# Test files run in parallel over the cores (pytest-xdist; one file stays on one worker, so module fixtures run
+# once), at most 4 workers: FASTADAPTERS_TEST_WORKERS=0 runs them in this process.
+cores=$(nproc 2>/dev/null || echo 2)
+WORKERS=${FASTADAPTERS_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+PYTEST=(-m pytest -q -p no:cacheprovider --timeout=900 --durations=5)
+[ "$WORKERS" -gt 0 ] && PYTEST+=(-n "$WORKERS" --dist loadfile)
 status=0
 summary=()
 for set in $SETS; do
