@@ -112,7 +112,8 @@ def _import_harness():
 
 
 # ------------------------------------------------------------------------------------------------ labels
-_LABEL = re.compile(r"^(?P<op>[a-z_]+)/(?P<loop>[A-Za-z0-9_]+)(?P<main>#main)?(?:@(?P<shape>[^:]+))?(?::(?P<details>.*))?$")
+_LABEL = re.compile(r"^(?P<op>[a-z_]+)/(?P<loop>[A-Za-z0-9_]+)(?P<main>#main)?"
+                    r"(?:@(?P<shape>[^:]+))?(?::(?P<details>.*))?$")
 _BWD = re.compile(r"^(bwd|dx|dA|dB|dW|db|wgrad|dkdv|dq|grad)|_(dx|dA|dB|dW|dkdv|dq|bwd)\b|_(dx|dA|dB|dW|dkdv|dq)$")
 
 
@@ -348,7 +349,8 @@ def _entries_from_launches(op: str, shape: str, launches: list, aten: list, sm90
         kw, name = launch.kwargs, _kernel_name(launch.kernel)
         info = getattr(launch, "info", None) or {}
         flops = info.get("flops", _triton_flops(name, kw))
-        e = Entry(op, shape, name.strip("_").replace("_kernel", ""), bool(info.get("main_loop", _legacy_main(name, kw))),
+        main = bool(info.get("main_loop", _legacy_main(name, kw)))
+        e = Entry(op, shape, name.strip("_").replace("_kernel", ""), main,
                   "bwd" if "bwd" in name else "fwd", name,
                   sm90.spec_from_launch(launch.kernel, kw, launch.num_warps, launch.num_stages, name),
                   float(flops or 0.0), float(info.get("bytes", _launch_bytes(kw))),
@@ -672,7 +674,7 @@ def compile_entries(entries: list[Entry], arch: str, workers: int, sm90) -> None
             k = _compile_key(e.spec, sm90)
             e._key = k  # type: ignore[attr-defined]
             keyed.setdefault(k, {**e.spec, "label": k, "arch": arch})
-    reports = dict(zip(keyed, sm90.compile_many(list(keyed.values()), arch, workers=workers)))
+    reports = dict(zip(keyed, sm90.compile_many(list(keyed.values()), arch, workers=workers), strict=True))
     for e in entries:
         if e.spec is not None:
             e.report = reports[e._key]  # type: ignore[attr-defined]

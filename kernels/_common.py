@@ -50,6 +50,7 @@ class Launch:
     num_warps: int
     num_stages: int
     info: dict = field(default_factory=dict, compare=False)  # for benchmarks/static.py: {"main_loop": True, ...}
+    role: str = field(default="", compare=False)  # the launcher's name for it ("fwd", "bwd_dkdv", ...)
 
     def __call__(self) -> None:
         self.kernel[self.grid](**self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -74,14 +75,20 @@ class LaunchRecorder:
 
     @contextlib.contextmanager
     def record(self) -> Iterator[list[Launch]]:
+        """Record the launches instead of running them: run the launchers on "meta" tensors inside the block
+        (under `kernels._configs.use_target(arch)` to pick configs as on that GPU) to list every (kernel,
+        arguments, config, role) a call dispatches to."""
         old, self.records = self.records, []
         try:
             yield self.records
         finally:
             self.records = old
 
-    def launch(self, kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-        launch = Launch(kernel, grid, kwargs, num_warps, num_stages)
+    def launch(self, kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int,
+               role: str = "") -> None:
+        """Run (or record) one launch; its grid must fit CUDA's limits (x < 2^31, y and z <= 65535)."""
+        assert all(0 < g for g in grid) and all(g <= 65535 for g in grid[1:]) and grid[0] < 2**31, grid
+        launch = Launch(kernel, grid, kwargs, num_warps, num_stages, role=role)
         if self.records is not None:
             self.records.append(launch)
         else:

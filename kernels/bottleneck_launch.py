@@ -74,14 +74,10 @@ class _Overrides:
 
 _overrides = _Overrides()
 _recorder = LaunchRecorder()
-_roles: list[str] = []  # while recording: the role of each recorded launch, in order
 
 
 def _launch(role: str, kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-    assert all(0 < g for g in grid) and all(g <= 65535 for g in grid[1:]) and grid[0] < 2**31, grid
-    if _recorder.recording:
-        _roles.append(role)
-    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages)
+    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages, role)
 
 
 @contextlib.contextmanager
@@ -98,17 +94,7 @@ def use_configs(*, row: RowConfig | None = None, fwd: RowConfig | None = None, d
         _overrides = old
 
 
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Record the launches instead of running them: run the launchers on "meta" tensors inside the block (under
-    `kernels._configs.use_target(arch)` to pick configs as on that GPU) to list every (kernel, arguments, config)
-    a call dispatches to."""
-    start = len(_roles)
-    with _recorder.record() as records:
-        try:
-            yield records
-        finally:
-            del _roles[start:]
+record_launches = _recorder.record  # with record_launches() as launches: ...
 
 
 def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -401,12 +387,10 @@ def _record(tgt: Target, h_dt: torch.dtype, w_dt: torch.dtype, shape: tuple[int,
     torch.set_float32_matmul_precision(prec)
     try:
         with use_target(tgt), record_launches() as rec:
-            start = len(_roles)
             _, pre, a = bottleneck_fwd(h, Wd, Wu, bd, bu, res, scale, 1.0, "silu" if not bias else "gelu_tanh", p,
                                        1234)
             bottleneck_bwd(dy, h, Wd, Wu, bu, pre, a, scale, 1.0, "silu" if not bias else "gelu_tanh", p, 1234,
                            add_dy=res is None, need_ddown_bias=bias, need_dup_bias=bias, need_dscale=bias)
-            roles = list(_roles[start:])
     finally:
         torch.set_float32_matmul_precision(old)
     w = "" if w_dt == h_dt else f"-{_TY[w_dt]}w"
@@ -416,8 +400,8 @@ def _record(tgt: Target, h_dt: torch.dtype, w_dt: torch.dtype, shape: tuple[int,
     else:
         key = f"odd-M{M}-din{d_in}-dout{d_out}-b{nb}-{_TY[h_dt]}{w}{pr}"
     main = kind == "bench" and h_dt != torch.float32  # fp32 models keep fp32 dots (FMAs or tf32): not gated
-    return [(f"bottleneck/{role}{'#main' if main and role in MAIN_LOOP_ROLES else ''}@{key}:{_cfg_tag(launch)}",
-             launch) for role, launch in zip(roles, rec, strict=True)]
+    return [(f"bottleneck/{L.role}{'#main' if main and L.role in MAIN_LOOP_ROLES else ''}@{key}:{_cfg_tag(L)}", L)
+            for L in rec]
 
 
 def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:

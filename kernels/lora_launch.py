@@ -61,14 +61,10 @@ class _Overrides:
 
 _overrides = _Overrides()
 _recorder = LaunchRecorder()
-_roles: list[str] = []  # while recording: the role of each recorded launch, in order
 
 
 def _launch(role: str, kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-    assert all(0 < g for g in grid) and all(g <= 65535 for g in grid[1:]) and grid[0] < 2**31, grid
-    if _recorder.recording:
-        _roles.append(role)
-    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages)
+    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages, role)
 
 
 @contextlib.contextmanager
@@ -93,17 +89,7 @@ def use_configs(*, gemm: GemmConfig | None = None, shrink: ShrinkConfig | None =
         _overrides = old
 
 
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Record the launches instead of running them: run the launchers on "meta" tensors inside the block (under
-    `kernels._configs.use_target(arch)` to pick configs as on that GPU) to list every (kernel, arguments, config)
-    a call dispatches to."""
-    start = len(_roles)
-    with _recorder.record() as records:
-        try:
-            yield records
-        finally:
-            del _roles[start:]
+record_launches = _recorder.record  # with record_launches() as launches: ...
 
 
 def base_gemm_choice(M: int | None = None) -> str:
@@ -361,13 +347,12 @@ def _record(arch: str, dtype: torch.dtype, shape: tuple[int, int, int, int], p: 
     B = torch.empty((N, r), device=meta, dtype=dtype)
     dy = torch.empty((M, N), device=meta, dtype=dtype)
     with use_target(arch_target(arch)), use_configs(base=base), record_launches() as rec:
-        start = len(_roles)
         _, xa = lora_linear_fwd(x, W, b, A, B, 2.0, p, seed=1234)
         lora_linear_bwd(dy, x, W, A, B, xa, 2.0, p, 1234, need_dW=True, need_db=True)
-        roles = list(_roles[start:])
     tag = ("odd-" if odd else "") + f"M{M}-K{K}-N{N}-r{r}-p{p:g}-{_TY[dtype]}" + ("-fused" if base == "fused" else "")
     out = []
-    for role, launch in zip(roles, rec, strict=True):
+    for launch in rec:
+        role = launch.role
         # the wgmma gate's main loops: the fused GEMM of a 16-bit model at the benchmark shapes (fp32 keeps
         # torch's exact-fp32 contract, "ieee" dots on FMA, unless TF32 is allowed; odd shapes are checked for
         # resources only)

@@ -57,12 +57,7 @@ def use_config(config: MultiLoraConfig | None = None, split_k: int | None = None
         _override, _override_split = old
 
 
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Record the launches instead of running them (run `multi_lora_fwd` on "meta" tensors inside the block, under
-    `kernels._configs.use_target(arch)` to pick configs as on that GPU)."""
-    with _recorder.record() as records:
-        yield records
+record_launches = _recorder.record  # with record_launches() as launches: ...
 
 
 def config_for(M: int, r_pad: int, dtype: torch.dtype, device: torch.device | None = None) -> MultiLoraConfig:

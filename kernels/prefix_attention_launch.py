@@ -14,9 +14,7 @@ reproducible). The prefix dK/dV reduction is deterministic in both modes.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 import triton
@@ -63,21 +61,13 @@ MAIN_LOOP_ROLES = ("fwd", "bwd_dkdv", "bwd_dkdv_det", "bwd_dq")
 DETERMINISTIC_ENV = "FASTADAPTERS_PREFIX_DETERMINISTIC"
 
 _recorder = LaunchRecorder()
-_roles: list[str] = []  # while recording: the role of each recorded launch, in order
 
 
-@contextlib.contextmanager
-def record_launches() -> Iterator[list[Launch]]:
-    """Record the launches instead of running them: run the launchers on "meta" tensors inside the block (under
-    `use_target(arch)` for the configs a GPU of that arch would pick) to list every (kernel, arguments, config)."""
-    with _recorder.record() as records:
-        yield records
+record_launches = _recorder.record  # with record_launches() as launches: ...
 
 
 def _launch(role: str, kernel, grid: tuple[int, ...], kwargs: dict, num_warps: int, num_stages: int) -> None:
-    if _recorder.recording:
-        _roles.append(role)
-    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages)
+    _recorder.launch(kernel, grid, kwargs, num_warps, num_stages, role)
 
 
 def _kw(kernel, args: tuple, **constexprs) -> dict:
@@ -347,14 +337,12 @@ def _record(arch: str, dtype: torch.dtype, B: int, Hq: int, Hkv: int, Lq: int, L
     out_labels: list[tuple[str, Launch]] = []
     for det in (False, True) if Lq > DECODE_MAX_LQ else (False,):
         with use_target(arch), record_launches() as rec:
-            start = len(_roles)
             out, lse = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale)
             if Lq > DECODE_MAX_LQ:
                 prefix_attention_bwd(out, None, q, k, v, pk, pv, mask, out, lse, causal, scale, deterministic=det)
-            roles = list(_roles[start:])
-            del _roles[start:]
         tag = shape + ("-det" if det else "")
-        for role, launch in zip(roles, rec, strict=True):
+        for launch in rec:
+            role = launch.role
             cfg = f"BM{launch.kwargs['BLOCK_M']}-BN{launch.kwargs['BLOCK_N']}" if "BLOCK_N" in launch.kwargs else ""
             details = f":{cfg}-w{launch.num_warps}-s{launch.num_stages}".replace(":-", ":")
             main = "#main" if role in MAIN_LOOP_ROLES else ""

@@ -489,7 +489,8 @@ def selftest_matmul_kernel(p_a, p_b, p_c, M, N, K,  # p_a: (M, K), p_b: (K, N), 
     for k0 in range(0, K, BLOCK_K):
         b_a = tl.load(p_a + o_m[:, None] * K + (k0 + o_k)[None, :], mask=(o_m < M)[:, None], other=0.0)
         b_b = tl.load(p_b + (k0 + o_k)[:, None] * N + o_n[None, :], mask=(o_n < N)[None, :], other=0.0)
-        b_acc = tl.dot(b_a.to(b_b.dtype), b_b, b_acc, input_precision=DOT_PREC)  # bf16 x fp32: widened, as old bottleneck
+        # bf16 x fp32: widened, as the old bottleneck did
+        b_acc = tl.dot(b_a.to(b_b.dtype), b_b, b_acc, input_precision=DOT_PREC)
     tl.store(p_c + o_m[:, None] * N + o_n[None, :], b_acc, mask=(o_m < M)[:, None] & (o_n < N)[None, :])
 
 

@@ -182,7 +182,8 @@ def test_real_word_init(setup, kind):
     root, data, model_dir = setup
     tok = tf.AutoTokenizer.from_pretrained(model_dir)
     base = tf.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    cfg = fa.PrefixTuningConfig(num_virtual_tokens=5) if kind == "prefix" else fa.PromptTuningConfig(num_virtual_tokens=5)
+    cls = fa.PrefixTuningConfig if kind == "prefix" else fa.PromptTuningConfig
+    cfg = cls(num_virtual_tokens=5)
     am = fa.get_adapter_model(base, cfg)
     cb = reproduce._real_word_init_callback(tok)
     state = type("S", (), {"global_step": 0})()

@@ -8,7 +8,7 @@ ptxas -v, tests/sm90.py) and must pass `benchmarks.static.gate_problems`:
   * a GEMM-sized main loop whose N is a model dimension (label `#main`, the op module's `is_main_loop`, or today's
     kernel names) runs on wgmma on sm_90 with every wgmma N >= 64, and on mma.sync on sm_8x.
 Default: every Triton launch of the quick-preset calls on sm_90 and on sm_86 (99 KiB of shared memory: the tightest
-arch), about 40 compiles (minutes on 2 cold cores; 100 s on this loaded machine with a warm Triton cache). FASTADAPTERS_STATIC_FULL=1 (or
+arch), about 40 compiles (2.5 min on 2 cold cores with the sm_90 tests; 80 s warm). FASTADAPTERS_STATIC_FULL=1 (or
 FASTADAPTERS_SM90_FULL=1): the full preset's shapes, every launch on sm_80, sm_86, sm_89, sm_90 and sm_100, and
 each op's whole dispatch_space (odd shapes, variants behind switches).
 The gates themselves are tested first, on synthetic reports and on three real compiles of a plain matmul (a clean
