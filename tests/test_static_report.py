@@ -52,7 +52,8 @@ SELFTEST = [  # (label, BLOCK_N, (a, b) pointer types, DOT_PREC, expected gate p
 ]
 # Open findings on landed code (strict: the test fails once fixed, so the marker goes): op -> reason
 XFAIL = {("prefix", "sm_90"): "prefix bwd_kv has wgmma m64n32k16 beside m64n64k16 in its main loop (gate: every N "
-                              ">= 64); KP to widen the tile or say the N=32 dot is not a model dimension"}
+                              ">= 64): the 32 is the 64-row query tile split over two warpgroups, not a model "
+                              "dimension; the tiles without it spill (benchmarks/STATIC.md, open findings)"}
 
 
 @pytest.fixture(scope="module")
