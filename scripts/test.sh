@@ -19,7 +19,7 @@ COMPAT="tests/test_layout.py tests/test_lora_peft.py tests/test_dora_peft.py tes
   tests/test_model_kernels.py tests/test_backend.py"
 # Test files run in parallel over the cores (pytest-xdist; one file stays on one worker, so module fixtures run
 # once), at most 4 workers: FASTADAPTERS_TEST_WORKERS=0 runs them in this process.
-cores=$(nproc 2>/dev/null || echo 2)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)  # nproc obeys OMP_NUM_THREADS
 WORKERS=${FASTADAPTERS_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
 PYTEST=(-m pytest -q -p no:cacheprovider --timeout=900 --durations=5)
 [ "$WORKERS" -gt 0 ] && PYTEST+=(-n "$WORKERS" --dist loadfile)
@@ -32,7 +32,7 @@ for set in $SETS; do
   fi
   venv=.venv; [ "$set" = latest ] && venv=.venv-latest
   versions=$("$venv/bin/python" -c "import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'triton', 'accelerate', 'numpy')))")
-  echo "== $set: $versions"
+  echo "== $set: $versions; pytest workers: $WORKERS"
   if [ "$set" = latest ] && [ $# -eq 0 ]; then
     files=(); for f in $COMPAT; do [ -e "$f" ] && files+=("$f"); done
     "$venv/bin/python" "${PYTEST[@]}" "${files[@]}" | tee "$log"; rc=${PIPESTATUS[0]}
