@@ -110,7 +110,7 @@ def test_trainer_example_under_accelerates_fsdp2_plugin(tiny, tmp_path):
     and says nothing, so this runs on a GPU only (one process is enough for the plugin's wrap and its save)."""
     (tmp_path / "train.py").write_text(_code(0, "python", tiny).replace('"out/trainer"', '"out/fsdp"'))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-           "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--num_processes", "1", "train.py"]
+           "--num_processes", "1", "train.py"]
     env = {**_env(), "FASTADAPTERS_BACKEND": "auto", "ACCELERATE_USE_FSDP": "true"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
