@@ -374,15 +374,7 @@ def dispatch_space(arch: str, full: bool = False) -> list[tuple[str, Launch]]:
         for shape in ODD_SHAPES + (FULL_ODD_SHAPES if full else ()):
             B, Hq, Hkv, Lq, Lk, D, P, causal, kpm = shape
             runs.append(_record(arch, dt, B, Hq, Hkv, Lq, Lk, D, P, causal, kpm, odd=True))
-    seen: set[tuple] = set()
-    out: list[tuple[str, Launch]] = []
-    for run in runs:
-        for label, launch in run:
-            key = compile_key(launch)
-            if key not in seen:
-                seen.add(key)
-                out.append((label, launch))
-    return out
+    return distinct_compiles([entry for run in runs for entry in run])
 
 
 def sm90_dispatch_space(full: bool = False) -> list[tuple[str, Launch]]:
