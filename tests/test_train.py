@@ -373,3 +373,20 @@ def test_progress_bar_shows_the_last_logged_loss(setup, tmp_path, capsys):
     final = err.replace("\r", "\n").strip().splitlines()
     bar = [line for line in final if line.startswith("train")][-1]
     assert len(losses) == 3 and f"loss={losses[-1]:.4f}" in bar, (losses, bar)
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_main_tears_the_process_group_down_on_every_exit(setup, tmp_path, monkeypatch, capsys, initialized):
+    """`fastadapters train` ends a torchrun rank's process group itself (also on an input error), never leaving it
+    to the interpreter's exit; without one it touches nothing."""
+    import torch.distributed as dist
+
+    from fastadapters.train import main
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append(1))
+    rc = main(["--base_model", setup[1], "--data_path", str(tmp_path / "missing.json"), "--output_dir",
+               str(tmp_path / "out")])
+    assert rc == 2 and "missing.json" in capsys.readouterr().err
+    assert calls == ([1] if initialized else [])
